@@ -1,0 +1,142 @@
+"""Build the tinylab book: execute every notebook in _toc.yml with Papermill, then render with Jupyter Book.
+
+    python book/build.py --scale book      # the book (minutes per chapter on a CPU)
+    python book/build.py --scale ci        # the same pipeline, small and fast (CI)
+
+Executed copies go to book/_build/executed/<scale>/ with each chapter's results JSON beside them. A
+notebook is executed again only when its source, its parameters or the tinylab package changed (a
+manifest of hashes records what each copy was made from). The landing page (the toc's root) runs last,
+so it can sum up the chapters' results. The HTML is book/_build/html; the build fails unless every
+page of the toc is in it.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import papermill
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BOOK, BUILD = ROOT / "book", ROOT / "book" / "_build"
+
+
+def toc_entries(toc_path: Path = ROOT / "_toc.yml") -> list[str]:
+    "Every page of the table of contents, root first, as paths without suffix (e.g. 'nbs/00_core')."
+    toc = yaml.safe_load(toc_path.read_text())
+    entries = [toc["root"]]
+    def walk(items):
+        for item in items or []:
+            if "file" in item:
+                entries.append(item["file"])
+            walk(item.get("sections"))
+    for part in toc.get("parts", []):
+        walk(part.get("chapters"))
+    walk(toc.get("chapters"))
+    return entries
+
+
+def package_hash() -> str:
+    "A hash of the tinylab package source: a chapter's output depends on it as much as on its notebook."
+    h = hashlib.sha256()
+    for path in sorted((ROOT / "tinylab").rglob("*.py")):
+        h.update(path.relative_to(ROOT).as_posix().encode() + path.read_bytes())
+    return h.hexdigest()
+
+
+def execute(entry: str, scale: str, seed: int, out_dir: Path, manifest: dict, pkg: str) -> bool:
+    "Execute one notebook with Papermill into `out_dir` unless an up-to-date copy is there; True if it ran."
+    src = ROOT / f"{entry}.ipynb"
+    dst, results = out_dir / f"{entry}.ipynb", out_dir / "results" / f"{Path(entry).name}.json"
+    params = {"scale": scale, "seed": seed, "results_path": str(results)}
+    key = hashlib.sha256(src.read_bytes() + json.dumps(params, sort_keys=True).encode() + pkg.encode()).hexdigest()
+    if manifest.get(entry) == key and dst.exists() and results.exists():
+        print(f"  {entry}: up to date")
+        return False
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    papermill.execute_notebook(str(src), str(dst), parameters=params, cwd=str(src.parent), progress_bar=False,
+                               kernel_name="python3")
+    manifest[entry] = key
+    print(f"  {entry}: executed in {time.perf_counter() - t0:.0f} s")
+    return True
+
+
+def for_reading(nb_path: Path) -> None:
+    "Strip nbdev's directives from the rendered copy: `#| hide` cells go, other `#|` lines are dropped."
+    nb = nbformat.read(nb_path, as_version=4)
+    cells = []
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            lines = cell.source.splitlines()
+            if any(line.strip() in ("#| hide", "#|hide") for line in lines) or \
+               any(line.startswith("#| default_exp") for line in lines) and len(lines) == 1:
+                continue
+            cell.source = "\n".join(line for line in lines if not line.startswith("#|"))
+        cells.append(cell)
+    nb.cells = cells
+    nbformat.write(nb, nb_path)
+
+
+def stage(entries: list[str], out_dir: Path, stage_dir: Path) -> None:
+    "Lay out a Jupyter Book source folder: config, toc, bibliography and the executed notebooks."
+    if stage_dir.exists():
+        shutil.rmtree(stage_dir)
+    stage_dir.mkdir(parents=True)
+    for name in ("_config.yml", "references.bib"):
+        shutil.copy(BOOK / name, stage_dir / name)
+    shutil.copy(ROOT / "_toc.yml", stage_dir / "_toc.yml")
+    for entry in entries:
+        dst = stage_dir / f"{entry}.ipynb"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(out_dir / f"{entry}.ipynb", dst)
+        for_reading(dst)
+
+
+def check_html(entries: list[str], html: Path) -> None:
+    "Fail unless every page of the toc was rendered."
+    missing = [e for e in entries if not (html / f"{e}.html").exists()]
+    if missing:
+        sys.exit(f"book: pages missing from {html}: {missing}")
+    print(f"book: all {len(entries)} pages of _toc.yml are in {html.relative_to(ROOT)}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", default="book", choices=["ci", "book", "gpu"])
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+    entries = toc_entries()
+    out_dir = BUILD / "executed" / args.scale
+    manifest_path = out_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    pkg = package_hash()
+    print(f"executing {len(entries)} notebooks at scale={args.scale!r}")
+    t0 = time.perf_counter()
+    # the root page sums up the chapters, so it runs last
+    for entry in entries[1:] + entries[:1]:
+        execute(entry, args.scale, args.seed, out_dir, manifest, pkg)
+        manifest_path.write_text(json.dumps(manifest, indent=1))
+    print(f"notebooks done in {time.perf_counter() - t0:.0f} s")
+
+    stage_dir = BUILD / "source"
+    stage(entries, out_dir, stage_dir)
+    jupyter_book = Path(sys.executable).parent / "jupyter-book"
+    subprocess.run([str(jupyter_book), "build", str(stage_dir), "--path-output", str(BOOK), "--builder", "html"],
+                   check=True)
+    check_html(entries, BUILD / "html")
+
+
+if __name__ == "__main__":
+    main()
