@@ -93,6 +93,7 @@ def stage(entries: list[str], out_dir: Path, stage_dir: Path) -> None:
     stage_dir.mkdir(parents=True)
     for name in ("_config.yml", "references.bib"):
         shutil.copy(BOOK / name, stage_dir / name)
+    shutil.copytree(BOOK / "bib", stage_dir / "bib")
     shutil.copy(ROOT / "_toc.yml", stage_dir / "_toc.yml")
     for entry in entries:
         dst = stage_dir / f"{entry}.ipynb"

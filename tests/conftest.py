@@ -9,3 +9,19 @@ import torch  # noqa: E402  (after the environment is set)
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Make `torch.empty` and `torch.empty_like` return NaN-filled floating tensors (as fla's tests do), so
+    an output element a kernel forgets to write fails the comparison instead of passing by luck.
+    Use it in kernel tests: `def test_kernel(poison_empty): ...`."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poisoned(t):
+        return t.fill_(float("nan")) if t.is_floating_point() or t.is_complex() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poisoned(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poisoned(empty_like(*a, **k)))
