@@ -24,3 +24,13 @@ def test_notebook_runs_at_ci_scale(entry, tmp_path):
     if not entry.endswith("index"):
         assert record["claims"], f"{entry} wrote an empty claim table"
         assert all({"claim", "paper", "ours", "holds"} <= set(c) for c in record["claims"])
+
+
+@pytest.mark.parametrize("entry", toc_entries())
+def test_notebook_has_parameters_cell(entry):
+    "Papermill injects scale/seed/results_path after the cell tagged 'parameters' (nbdev_clean must keep tags)."
+    import nbformat
+    nb = nbformat.read(ROOT / f"{entry}.ipynb", as_version=4)
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"{entry}: expected one cell tagged 'parameters', found {len(tagged)}"
+    assert all(name in tagged[0].source for name in ("scale", "seed", "results_path"))
