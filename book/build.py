@@ -70,8 +70,24 @@ def execute(entry: str, scale: str, seed: int, out_dir: Path, manifest: dict, pk
     return True
 
 
+def final_stream_state(outputs: list) -> list:
+    """Merge consecutive stream outputs and keep what a terminal would show: progress bars (tqdm) redraw
+    a line with carriage returns, and only the last drawing of each line is worth reading."""
+    merged = []
+    for out in outputs:
+        if out.output_type == "stream" and merged and merged[-1].output_type == "stream" and merged[-1].name == out.name:
+            merged[-1].text += out.text
+        else:
+            merged.append(out)
+    for out in merged:
+        if out.output_type == "stream":
+            out.text = "\n".join(line.rstrip("\r").rsplit("\r", 1)[-1] for line in out.text.split("\n"))
+    return merged
+
+
 def for_reading(nb_path: Path) -> None:
-    "Strip nbdev's directives from the rendered copy: `#| hide` cells go, other `#|` lines are dropped."
+    """Prepare the rendered copy: strip nbdev's directives (`#| hide` cells go, other `#|` lines are
+    dropped) and reduce progress bars to their final state."""
     nb = nbformat.read(nb_path, as_version=4)
     cells = []
     for cell in nb.cells:
@@ -81,6 +97,7 @@ def for_reading(nb_path: Path) -> None:
                any(line.startswith("#| default_exp") for line in lines) and len(lines) == 1:
                 continue
             cell.source = "\n".join(line for line in lines if not line.startswith("#|"))
+            cell.outputs = final_stream_state(cell.outputs)
         cells.append(cell)
     nb.cells = cells
     nbformat.write(nb, nb_path)

@@ -1,0 +1,23 @@
+"""The book build's own helpers (book/build.py)."""
+import sys
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "book"))
+from build import final_stream_state, toc_entries  # noqa: E402
+
+
+def test_toc_lists_existing_notebooks_root_first():
+    entries = toc_entries()
+    assert entries[0] == "nbs/index" and len(set(entries)) == len(entries)
+    assert all((ROOT / f"{e}.ipynb").exists() for e in entries)
+
+
+def test_progress_bars_reduced_to_final_state():
+    stream = lambda name, text: nbformat.v4.new_output("stream", name=name, text=text)
+    outs = final_stream_state([stream("stderr", "train: 0%\rtrain: 50%\r"), stream("stderr", "train: 100%\n"),
+                               stream("stdout", "loss 1.0\n"), stream("stderr", "eval: 1\reval: 2\n")])
+    assert [(o.name, o.text) for o in outs] == [("stderr", "train: 100%\n"), ("stdout", "loss 1.0\n"),
+                                               ("stderr", "eval: 2\n")]
