@@ -1,0 +1,121 @@
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GPT2LMHeadModel, LlamaForCausalLM
+
+from tinylab.inheritune import find_layer_list, inherit
+from tinylab.lm import build_model, tiny_config
+
+
+def make(arch, n_layers=4, **overrides):
+    config = tiny_config(arch, vocab_size=97, d_model=24, n_layers=n_layers, n_heads=4, block_size=32, **overrides)
+    return build_model(config, seed=0).eval()
+
+
+@pytest.mark.parametrize("arch,prefix", [("llama", "model.layers"), ("gpt2", "transformer.h")])
+def test_find_layer_list(arch, prefix):
+    name, blocks = find_layer_list(make(arch))
+    assert name == prefix and len(blocks) == 4
+
+
+@pytest.mark.parametrize("arch,cls", [("llama", LlamaForCausalLM), ("gpt2", GPT2LMHeadModel)])
+@pytest.mark.parametrize("k", [1, 3, 4])
+def test_inherit_copies_weights_exactly(arch, cls, k):
+    parent = make(arch)
+    child = inherit(parent, k)
+    assert type(child) is cls and child.config.num_hidden_layers == k and parent.config.num_hidden_layers == 4
+    psd, csd = parent.state_dict(), child.state_dict()
+    assert set(csd) == {key for key in psd if not any(f".{i}." in key for i in range(k, 4))}
+    for key, value in csd.items():
+        assert torch.equal(value, psd[key]), key
+    # embeddings, final norm and head are the parent's (one official path forgot them)
+    emb = child.get_input_embeddings().weight
+    assert torch.equal(emb, parent.get_input_embeddings().weight)
+    assert torch.equal(child.get_output_embeddings().weight, parent.get_output_embeddings().weight)
+    # a copy, not a view: training the child leaves the parent alone
+    with torch.no_grad():
+        emb.add_(1.0)
+    assert not torch.equal(emb, parent.get_input_embeddings().weight)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_inherited_blocks_compute_the_same_function(arch):
+    parent, x = make(arch), torch.randint(97, (2, 11))
+    child = inherit(parent, 2)
+    with torch.no_grad():
+        hp = parent(x, output_hidden_states=True).hidden_states
+        hc = child(x, output_hidden_states=True).hidden_states
+    assert torch.equal(hc[0], hp[0]) and torch.equal(hc[1], hp[1])
+
+
+def test_full_depth_inheritance_is_the_same_model():
+    parent, x = make("llama"), torch.randint(97, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(inherit(parent, 4)(x).logits, parent(x).logits)
+
+
+def test_explicit_indices_pick_those_blocks():
+    parent = make("llama")
+    child = inherit(parent, [3, 1])
+    assert torch.equal(child.model.layers[0].mlp.up_proj.weight, parent.model.layers[3].mlp.up_proj.weight)
+    assert torch.equal(child.model.layers[1].mlp.up_proj.weight, parent.model.layers[1].mlp.up_proj.weight)
+
+
+def test_loss_shifts_labels_once():
+    "An official path shifted labels twice; HF models shift once internally, and so must our use of them."
+    model, x = make("llama"), torch.randint(97, (2, 13))
+    with torch.no_grad():
+        logits = model(x).logits
+        manual = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 97), x[:, 1:].reshape(-1))
+        assert torch.allclose(model(x, labels=x).loss, manual, atol=1e-6)
+
+
+def test_save_load_generate(tmp_path):
+    child = inherit(make("gpt2"), 2)
+    child.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.n_layer == 2
+    x = torch.randint(97, (1, 5))
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, child(x).logits)
+    assert loaded.generate(x, max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (1, 8)
+
+
+def test_per_layer_config_lists_follow_blocks():
+    parent = make("llama")
+    parent.config.layer_types = ["full_attention"] * 3 + ["sliding_attention"]
+    assert inherit(parent, [0, 3]).config.layer_types == ["full_attention", "sliding_attention"]
+
+
+def test_inverse_layer_scaling_allows_only_a_prefix():
+    parent = make("gpt2", scale_attn_by_inverse_layer_idx=True)
+    assert inherit(parent, 2).config.num_hidden_layers == 2
+    with pytest.raises(ValueError, match="prefix"):
+        inherit(parent, [2, 3])
+
+
+@pytest.mark.parametrize("layers,exc,match", [
+    (5, ValueError, "cannot inherit 5 blocks"),
+    (0, ValueError, "need 1..4"),
+    (-1, ValueError, "need 1..4"),
+    (True, TypeError, "bool"),
+    ([], TypeError, "non-empty"),
+    ([1, 1], ValueError, "distinct"),
+    ([0, 4], ValueError, "in 0..3"),
+    (2.0, TypeError, "sequence"),
+])
+def test_inherit_bad_layers(layers, exc, match):
+    with pytest.raises(exc, match=match):
+        inherit(make("llama"), layers)
+
+
+def test_inherit_rejects_non_hf_model():
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        inherit(nn.Sequential(nn.Linear(2, 2)), 1)
+
+
+def test_inherit_model_without_findable_layer_list():
+    model = make("llama")
+    model.config.num_hidden_layers = 7  # no ModuleList of 7 blocks exists
+    with pytest.raises(ValueError, match="cannot find its layer list"):
+        inherit(model, 1)
