@@ -70,6 +70,10 @@ def execute(entry: str, scale: str, seed: int, out_dir: Path, manifest: dict, pk
     return True
 
 
+# warnings that say nothing to a reader of the static page (no widgets there, by design)
+NOISE = ("TqdmWarning: IProgress not found", "from .autonotebook import tqdm as notebook_tqdm")
+
+
 def final_stream_state(outputs: list) -> list:
     """Merge consecutive stream outputs and keep what a terminal would show: progress bars (tqdm) redraw
     a line with carriage returns, and only the last drawing of each line is worth reading."""
@@ -81,8 +85,9 @@ def final_stream_state(outputs: list) -> list:
             merged.append(out)
     for out in merged:
         if out.output_type == "stream":
-            out.text = "\n".join(line.rstrip("\r").rsplit("\r", 1)[-1] for line in out.text.split("\n"))
-    return merged
+            lines = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in out.text.split("\n")]
+            out.text = "\n".join(line for line in lines if not any(n in line for n in NOISE))
+    return [out for out in merged if out.output_type != "stream" or out.text.strip()]
 
 
 def for_reading(nb_path: Path) -> None:

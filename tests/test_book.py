@@ -21,3 +21,10 @@ def test_progress_bars_reduced_to_final_state():
                                stream("stdout", "loss 1.0\n"), stream("stderr", "eval: 1\reval: 2\n")])
     assert [(o.name, o.text) for o in outs] == [("stderr", "train: 100%\n"), ("stdout", "loss 1.0\n"),
                                                ("stderr", "eval: 2\n")]
+
+
+def test_widget_warning_dropped():
+    stream = nbformat.v4.new_output("stream", name="stderr", text=(
+        "/x/tqdm/auto.py:21: TqdmWarning: IProgress not found. Please update jupyter and ipywidgets.\n"
+        "  from .autonotebook import tqdm as notebook_tqdm\n"))
+    assert final_stream_state([stream]) == []
