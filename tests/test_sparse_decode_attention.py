@@ -1,0 +1,120 @@
+"""The TriForce chapter's kernel (nbs/21_triforce.ipynb): decode attention over selected KV chunks read in place,
+Triton (the interpreter on a CPU) against the PyTorch reference, and its input checks."""
+import pytest
+import torch
+
+from tinylab.kernels.sparse_decode_attention import sparse_decode_attention, sparse_decode_attention_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}   # max error relative to max |reference|
+
+
+def assert_close(name, ref, out, ratio):
+    err = (out.float() - ref.float()).abs().max().item()
+    rrms = ((out.float() - ref.float()).pow(2).mean().sqrt() / ref.float().pow(2).mean().sqrt().clamp_min(1e-12)).item()
+    scale = ref.float().abs().max().clamp_min(1e-6).item()
+    print(f"{name}: max abs {err:.2e}, relative rms {rrms:.2e}")
+    assert not torch.isnan(out).any(), f"{name}: NaN in the output (an element was not written)"
+    assert err <= ratio * scale, f"{name}: max abs error {err:.2e} > {ratio} * {scale:.2e}"
+
+
+def make(B, H, Hkv, NQ, N, D, M, dtype, chunk=8, pad=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, NQ, D, generator=g).to(DEVICE, dtype)
+    buf = torch.randn(2, B, Hkv, N + 11, D, generator=g).to(DEVICE, dtype)
+    k, v = buf[0, :, :, :N], buf[1, :, :, :N]          # views into a larger cache buffer, as in the chapter
+    nc = -(-N // chunk)
+    idx = torch.stack([torch.randperm(nc, generator=g)[:M] for _ in range(B * Hkv)]).view(B, Hkv, -1)
+    if pad:
+        idx[..., -pad:] = -1
+    return q, k, v, idx.to(DEVICE)
+
+
+CASES = [
+    pytest.param(1, 1, 1, 1, 8, 16, 1, 0, id="one-chunk"),
+    pytest.param(1, 4, 4, 1, 37, 16, 3, 0, id="partial-last-chunk"),
+    pytest.param(2, 6, 2, 3, 101, 60, 7, 1, id="gqa3-nq3-d60-padding"),
+    pytest.param(1, 3, 1, 5, 63, 24, 8, 0, id="mqa-all-chunks"),
+    pytest.param(1, 2, 2, 7, 200, 32, 10, 2, id="nq7"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("B,H,Hkv,NQ,N,D,M,pad", CASES)
+def test_kernel_matches_reference(poison_empty, B, H, Hkv, NQ, N, D, M, pad, dtype):
+    q, k, v, idx = make(B, H, Hkv, NQ, N, D, M, dtype, pad=pad)
+    ref = sparse_decode_attention_ref(q, k, v, idx)
+    tri = sparse_decode_attention(q, k, v, idx, num_splits=2, use_triton=True)
+    assert tri.dtype == dtype and tri.shape == q.shape
+    assert_close("out", ref, tri, TOL[dtype])
+
+
+@pytest.mark.parametrize("chunk", [4, 16])
+def test_other_chunk_sizes_and_one_split(poison_empty, chunk):
+    q, k, v, idx = make(1, 4, 2, 2, 90, 16, 5, torch.float32, chunk=chunk)
+    ref = sparse_decode_attention_ref(q, k, v, idx, chunk)
+    assert_close("out", ref, sparse_decode_attention(q, k, v, idx, chunk, num_splits=1, use_triton=True), 1e-4)
+
+
+def test_rows_that_see_nothing_are_zero(poison_empty):
+    # only padding selected: every query sees nothing, output 0 (not NaN) in both
+    q, k, v, idx = make(1, 2, 2, 1, 40, 16, 2, torch.float32)
+    idx[:] = -1
+    for out in (sparse_decode_attention_ref(q, k, v, idx), sparse_decode_attention(q, k, v, idx, use_triton=True)):
+        assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_all_chunks_is_causal_attention():
+    q, k, v, _ = make(1, 4, 4, 3, 50, 16, 1, torch.float32)
+    idx = torch.arange(7, device=DEVICE).expand(1, 4, 7)
+    mask = torch.ones(3, 50, dtype=torch.bool, device=DEVICE).tril(diagonal=47)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert_close("ref", sdpa, sparse_decode_attention_ref(q, k, v, idx), 1e-5)
+    assert_close("triton", sdpa, sparse_decode_attention(q, k, v, idx, use_triton=True), 1e-4)
+
+
+def test_dispatch_uses_reference_on_cpu_tensors():
+    q, k, v, idx = make(1, 2, 2, 1, 30, 16, 2, torch.float32)
+    if DEVICE == "cpu":
+        assert torch.equal(sparse_decode_attention(q, k, v, idx), sparse_decode_attention_ref(q, k, v, idx))
+
+
+def _inputs():
+    return make(1, 4, 2, 2, 33, 16, 3, torch.float32)
+
+
+@pytest.mark.parametrize("mutate,exc,match", [
+    (lambda q, k, v, i: (q[0], k, v, i), ValueError, "q must be 4-D"),
+    (lambda q, k, v, i: (q, k, v[..., :8], i), ValueError, "v must have k's shape"),
+    (lambda q, k, v, i: (q.double(), k.double(), v.double(), i), TypeError, "float32, float16 or bfloat16"),
+    (lambda q, k, v, i: (q, k.bfloat16(), v, i), TypeError, "share one dtype"),
+    (lambda q, k, v, i: (q, k, v, i.float()), TypeError, "chunk_idx must be int32"),
+    (lambda q, k, v, i: (q, k, v, i[:, :1]), ValueError, "chunk_idx must be"),
+    (lambda q, k, v, i: (q[:, :3], k, v, i), ValueError, "must divide"),
+    (lambda q, k, v, i: (q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v, i), ValueError, "contiguous"),
+    (lambda q, k, v, i: (torch.zeros(1, 4, 40, 16, device=q.device), k, v, i), ValueError, "NQ"),
+    (lambda q, k, v, i: (q, k, v, i.tolist()), TypeError, "chunk_idx must be a torch.Tensor"),
+])
+def test_bad_inputs(mutate, exc, match):
+    args = mutate(*_inputs())
+    with pytest.raises(exc, match=match):
+        sparse_decode_attention(*args)
+    with pytest.raises(exc, match=match):
+        sparse_decode_attention_ref(*args)
+
+
+def test_bad_settings():
+    q, k, v, idx = _inputs()
+    with pytest.raises(ValueError, match="chunk_size"):
+        sparse_decode_attention(q, k, v, idx, chunk_size=6)
+    with pytest.raises(ValueError, match="num_splits"):
+        sparse_decode_attention(q, k, v, idx, num_splits=0)
+    with pytest.raises(TypeError, match="scale"):
+        sparse_decode_attention(q, k, v, idx, scale="big")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mixed_devices():
+    q, k, v, idx = _inputs()
+    with pytest.raises(ValueError, match="one device"):
+        sparse_decode_attention(q, k.cpu(), v, idx)

@@ -1,0 +1,215 @@
+"""TriForce (nbs/21_triforce.ipynb): exact speculative sampling, the caches and selections, and the three-level loop
+on small random Llamas (greedy identical to the target's, sampled distribution equal to the target's)."""
+import pytest
+import torch
+
+from tinylab.lm import build_model, tiny_config
+from tinylab.triforce import (ChunkSelection, DecodeStats, FlatKVCache, TriForceConfig, autoregressive_generate,
+                              chunk_scores, retrieval_selection, speculative_accept, streaming_selection, to_probs,
+                              triforce_generate)
+
+V = 48
+
+
+def chi_square_pvalue(counts, probs, k=10):
+    "Chi-square goodness of fit over k bins of about equal probability (fixed before looking at the counts)."
+    order = probs.argsort(descending=True)
+    before = probs[order].double().cumsum(0) - probs[order].double()
+    bin_of = torch.empty_like(order)
+    bin_of[order] = (before * k).long().clamp_max(k - 1)
+    obs = torch.zeros(k, dtype=torch.double).index_add_(0, bin_of, counts.double())
+    exp = torch.zeros(k, dtype=torch.double).index_add_(0, bin_of, probs.double()) * counts.sum()
+    keep = exp > 0
+    stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()
+    dof = max(int(keep.sum()) - 1, 1)
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.double), stat / 2))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    "Tiny models decode faster on one thread (a second only adds synchronisation); restored afterwards."
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def models():
+    def llama(d, layers, heads, kv, seed):
+        cfg = tiny_config("llama", vocab_size=V, d_model=d, n_layers=layers, n_heads=heads, block_size=256)
+        cfg.num_key_value_heads = kv                                 # grouped-query attention
+        return build_model(cfg, seed=seed).eval()
+    return llama(32, 2, 4, 2, 0), llama(16, 1, 2, 2, 1)      # target with GQA (4 query heads, 2 kv heads), draft
+
+
+def prompt(n, seed):
+    return torch.randint(1, V, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- speculative sampling
+def test_to_probs():
+    logits = torch.tensor([[1.0, 3.0, 2.0]])
+    assert torch.equal(to_probs(logits, 0), torch.tensor([[0.0, 1.0, 0.0]]))
+    torch.testing.assert_close(to_probs(logits, 1.0), torch.softmax(logits, -1))
+    with pytest.raises(ValueError, match="temperature"):
+        to_probs(logits, -1.0)
+
+
+def test_accept_greedy_cases():
+    p = torch.eye(5)[[1, 2, 3, 4]]
+    assert speculative_accept(torch.tensor([1, 2, 0]), torch.eye(5)[[1, 2, 0]], p) == (2, 3)
+    assert speculative_accept(torch.tensor([0, 2, 3]), torch.eye(5)[[0, 2, 3]], p) == (0, 1)
+    assert speculative_accept(torch.tensor([1, 2, 3]), torch.eye(5)[[1, 2, 3]], p) == (3, 4)
+    assert speculative_accept(torch.tensor([], dtype=torch.long), torch.zeros(0, 5), p[:1]) == (0, 1)
+
+
+def test_accept_bad_shapes():
+    with pytest.raises(ValueError, match="expected draft"):
+        speculative_accept(torch.tensor([1, 2]), torch.rand(2, 5), torch.rand(2, 5))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_accept_is_exact_two_tokens(seed):
+    """Two draft tokens from q, verified against p: the first two emitted tokens follow p exactly (chi-square)."""
+    g = torch.Generator().manual_seed(seed)
+    n = 5
+    q = torch.softmax(torch.randn(2, n, generator=g) * 2, -1)
+    p = torch.softmax(torch.randn(3, n, generator=g) * 2, -1)     # position-wise (a context-free toy)
+    counts = torch.zeros(2, n)
+    for _ in range(6000):
+        d = torch.stack([torch.multinomial(q[i], 1, generator=g)[0] for i in range(2)])
+        acc, nxt = speculative_accept(d, q, p, g)
+        out = d[:acc].tolist() + [nxt]
+        counts[0, out[0]] += 1
+        if len(out) > 1:
+            counts[1, out[1]] += 1
+    assert chi_square_pvalue(counts[0], p[0]) > 1e-3
+    assert chi_square_pvalue(counts[1], p[1]) > 1e-3
+
+
+def test_wrong_residual_is_detected():
+    """The test has power: resampling from p instead of the residual fails it."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.tensor([0.7, 0.1, 0.1, 0.1])
+    p = torch.tensor([0.1, 0.3, 0.3, 0.3])
+    counts = torch.zeros(4)
+    for _ in range(4000):
+        x = int(torch.multinomial(q, 1, generator=g))
+        ok = torch.rand(1, generator=g).item() < min(1.0, (p[x] / q[x]).item())
+        counts[x if ok else int(torch.multinomial(p, 1, generator=g))] += 1
+    assert chi_square_pvalue(counts, p) < 1e-6
+
+
+# ---------------------------------------------------------------- caches and selections
+def test_flat_cache_update_and_crop(models):
+    target, _ = models
+    cache = FlatKVCache(target, 20)
+    k, v = cache.update(torch.ones(1, 2, 5, 8), torch.ones(1, 2, 5, 8), 0)
+    assert k.shape == (1, 2, 5, 8) and cache.get_seq_length(0) == 5
+    assert k.data_ptr() == cache.k[0].data_ptr()                    # a view of the buffer, not a copy
+    cache.crop(3)
+    k, _ = cache.update(2 * torch.ones(1, 2, 1, 8), torch.ones(1, 2, 1, 8), 0)
+    assert k.shape[2] == 4 and k[0, 0, 3, 0] == 2
+    with pytest.raises(ValueError, match="capacity"):
+        cache.update(torch.ones(1, 2, 30, 8), torch.ones(1, 2, 30, 8), 0)
+
+
+def test_selections():
+    keys = torch.zeros(1, 1, 16, 2)
+    keys[0, 0, 8:12, 1] = 1.0                                         # chunk 2 (of size 4) points along axis 1
+    s = chunk_scores(torch.tensor([[[0.0, 1.0]]]), keys, 4)
+    assert s.argmax().item() == 2
+
+    class Toy:
+        k = [keys]
+    sel = retrieval_selection({0: torch.tensor([[[0.0, 1.0]]])}, Toy(), 16, budget=8, chunk_size=4)
+    assert sel.chunks[0].tolist() == [[[0, 2]]]                         # first chunk kept + the best
+    assert sel.for_layer(0, 18).tolist() == [[[0, 2, 4]]]
+    st = streaming_selection(40, 2, 1, 3, sinks=8, window=10, chunk_size=8)
+    assert st.boundary == 30 and st.for_layer(1, 40).tolist() == [[[0, 3, 4]] * 3]
+
+
+# ---------------------------------------------------------------- the three-level loop
+@pytest.mark.parametrize("cfg", [
+    TriForceConfig(budget=16, window=16),
+    TriForceConfig(budget=24, window=8, sinks=8, gamma1=3, gamma2=5),
+    TriForceConfig(budget=16, window=16, middle="streaming"),
+    TriForceConfig(budget=8, window=16, refresh_every=3, chunk_size=4),
+], ids=["paper-gammas", "gamma3x5", "streaming-middle", "chunk4-refresh3"])
+def test_greedy_is_lossless(models, cfg):
+    target, draft = models
+    for seed in range(3):
+        ids = prompt(40 + 13 * seed, seed)
+        ours, stats = triforce_generate(target, draft, ids, 15, cfg)
+        plain, _ = autoregressive_generate(target, ids, 15)
+        hf = target.generate(ids, max_new_tokens=15, do_sample=False, pad_token_id=0, eos_token_id=None)[0]
+        assert torch.equal(ours, plain) and torch.equal(plain, hf)
+        assert stats.new_tokens == 15 and stats.rounds >= 1
+        assert 0 <= stats.draft_acceptance <= 1 and 0 <= stats.middle_acceptance <= 1
+
+
+def test_eos_stops_like_generate(models):
+    target, draft = models
+    ids = prompt(30, 5)
+    plain, _ = autoregressive_generate(target, ids, 12)
+    eos = int(plain[33])                                              # the 4th generated token becomes "EOS"
+    ours, stats = triforce_generate(target, draft, ids, 12, TriForceConfig(budget=16, window=16), eos_token_id=eos)
+    ref, _ = autoregressive_generate(target, ids, 12, eos_token_id=eos)
+    assert torch.equal(ours, ref) and ours[-1] == eos and stats.new_tokens == len(ours) - 30
+
+
+def test_sampling_is_exact(models):
+    """At temperature 0.1 (random-init logits are nearly flat), the first sampled token follows the target."""
+    target, draft = models
+    ids = prompt(48, 9)
+    T = 0.1
+    with torch.no_grad():
+        p = to_probs(target(ids).logits[0, -1], T)
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(V)
+    cfg = TriForceConfig(budget=16, window=8, temperature=T, gamma2=3)
+    for _ in range(300):
+        out, _ = triforce_generate(target, draft, ids, 1, cfg, generator=g)
+        counts[out[-1]] += 1
+    assert chi_square_pvalue(counts, p) > 1e-3
+
+
+def test_identical_draft_always_accepted(models):
+    target, _ = models
+    _, stats = triforce_generate(target, target, prompt(40, 2), 12, TriForceConfig(budget=512, window=512))
+    assert (stats.draft_acceptance, stats.middle_acceptance) == (1.0, 1.0)
+    assert isinstance(stats, DecodeStats) and stats.tokens_per_round == 12 / stats.rounds
+
+
+def test_attention_is_restored(models):
+    target, draft = models
+    before = target.config._attn_implementation
+    triforce_generate(target, draft, prompt(20, 0), 3)
+    assert target.config._attn_implementation == before
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(gamma1=0), ValueError, "gamma1"),
+    (dict(budget=2.5), ValueError, "budget"),
+    (dict(middle="h2o"), ValueError, "middle"),
+    (dict(temperature=-1), ValueError, "temperature"),
+])
+def test_bad_config(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        TriForceConfig(**kwargs)
+
+
+def test_bad_calls(models):
+    target, draft = models
+    with pytest.raises(ValueError, match="at least 2"):
+        triforce_generate(target, draft, prompt(1, 0), 4)
+    with pytest.raises(ValueError, match="one sequence"):
+        triforce_generate(target, draft, torch.ones(2, 5, dtype=torch.long), 4)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        triforce_generate(target, draft, prompt(5, 0), 0)
+    with pytest.raises(TypeError, match="TriForceConfig"):
+        triforce_generate(target, draft, prompt(5, 0), 3, cfg=dict(budget=8))
+    other = build_model(tiny_config("llama", vocab_size=V + 1, d_model=16, n_layers=1, n_heads=2), seed=0)
+    with pytest.raises(ValueError, match="vocabulary"):
+        triforce_generate(target, other, prompt(5, 0), 3)
