@@ -1,0 +1,206 @@
+"""GPU benchmark of the Megalodon chapter's kernels (nbs/11_megalodon.ipynb).
+
+CEMA: Triton chunked scan vs the FFT convolution vs the sequential loop (and the official CUDA
+EMA-parameters + FFT-convolution kernels when they build); timestep norm: Triton Welford scan vs the
+PyTorch cumulative-sum reference (and the official CUDA kernel). Lengths 1k to 64k, batch 4, 1024
+channels, N = 16. Every kernel is checked against its reference before it is timed (no speedup on a red
+gate); times are medians of `triton.testing.do_bench`; the floor is reading the input and writing the
+output once at the copy bandwidth measured here.
+
+Run: PYTHONPATH=. python3 benchmarks/bench_megalodon.py --out results.json
+Imports only torch, triton, numpy, pandas and tinylab.kernels / tinylab.core (no datasets on the GPU)."""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+
+import numpy as np
+import pandas as pd
+import torch
+import triton
+from triton.testing import do_bench
+
+from tinylab.kernels.cema import cema, cema_fft, cema_ref
+from tinylab.kernels.timestep_norm import timestep_norm, timestep_norm_ref
+
+B, D, N, G = 4, 1024, 16, 32
+LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
+
+
+def params(D, N, seed=0, device="cuda"):
+    g = torch.Generator().manual_seed(seed)
+    alpha, delta = torch.rand(D, N, generator=g) * 0.9 + 0.05, torch.rand(D, N, generator=g)
+    theta = torch.rand(D, 1, generator=g) * torch.arange(1, N + 1) * 2 * math.pi / N
+    q = torch.polar(1 - alpha * delta, theta)
+    gamma = torch.complex(torch.randn(D, N, generator=g), torch.randn(D, N, generator=g)) / math.sqrt(N)
+    return alpha.to(device), q.to(device), gamma.to(device)
+
+
+def rel_err(a, b):
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    if a.is_complex() or b.is_complex():
+        a, b = torch.view_as_real(a.to(torch.complex128)), torch.view_as_real(b.to(torch.complex128))
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def copy_bandwidth():
+    "Bytes per second of a device-to-device copy of 1 GiB (read + write)."
+    x = torch.empty(2**28, dtype=torch.float32, device="cuda")
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: y.copy_(x), warmup=25, rep=200)
+    return 2 * x.numel() * 4 / (ms * 1e-3)
+
+
+def gates(log):
+    "Correctness of every path before any timing; returns a dict of max relative errors."
+    out = {}
+    torch.manual_seed(0)
+    p, q, g = params(130, N)
+    x = torch.randn(2, 1000, 130, device="cuda")
+    h0 = torch.randn(2, 130, N, dtype=torch.complex64, device="cuda")
+    y_ref, h_ref = cema_ref(x, p, q, g, h0)
+    y_tri, h_tri = cema(x, p, q, g, h0, backend="triton")
+    y_fft, h_fft = cema_fft(x, p, q, g, h0)
+    out["cema_fwd_fp32"] = max(rel_err(y_tri, y_ref), rel_err(h_tri, h_ref))
+    out["cema_fft_vs_ref_fp32"] = max(rel_err(y_fft, y_ref), rel_err(h_fft, h_ref))
+    xb = x.bfloat16()
+    out["cema_fwd_bf16"] = rel_err(cema(xb, p, q, g, backend="triton")[0].float(), cema_ref(xb, p, q, g)[0].float())
+    # backward: the Triton autograd Function against autograd through the FFT form
+    ins = [t.clone().requires_grad_() for t in (x, p, q, g, h0)]
+    ins2 = [t.clone().requires_grad_() for t in (x, p, q, g, h0)]
+    dy, dh = torch.randn_like(y_ref), torch.randn_like(h_ref)
+    yt, ht = cema(*ins, backend="triton")
+    yf, hf = cema_fft(*ins2)
+    gt = torch.autograd.grad((yt * dy).sum() + (ht * dh.conj()).real.sum(), ins)
+    gf = torch.autograd.grad((yf * dy).sum() + (hf * dh.conj()).real.sum(), ins2)
+    out["cema_bwd_fp32"] = max(rel_err(a, b) for a, b in zip(gt, gf))
+    # timestep norm
+    xt = torch.randn(2, 1000, 160, device="cuda") * 2 + 1
+    w, b = torch.randn(160, device="cuda"), torch.randn(160, device="cuda")
+    c0 = torch.tensor([0, 5], device="cuda")
+    m0, v0 = torch.randn(2, 8, device="cuda"), torch.rand(2, 8, device="cuda") + 0.5
+    r = timestep_norm_ref(xt, 8, w, b, c0, m0, v0)
+    t = timestep_norm(xt, 8, w, b, c0, m0, v0, backend="triton")
+    out["tsn_fwd_fp32"] = max(rel_err(t[0], r[0]), rel_err(t[2], r[2]), rel_err(t[3], r[3]))
+    out["tsn_fwd_bf16"] = rel_err(timestep_norm(xt.bfloat16(), 8, w, b, backend="triton")[0].float(),
+                                  timestep_norm_ref(xt.bfloat16(), 8, w, b)[0].float())
+    ins = [u.clone().requires_grad_() for u in (xt, w, b, m0, v0)]
+    ins2 = [u.clone().requires_grad_() for u in (xt, w, b, m0, v0)]
+    dy = torch.randn_like(xt)
+    o1 = timestep_norm(ins[0], 8, ins[1], ins[2], c0, ins[3], ins[4], backend="triton")
+    o2 = timestep_norm_ref(ins2[0], 8, ins2[1], ins2[2], c0, ins2[3], ins2[4])
+    g1 = torch.autograd.grad((o1[0] * dy).sum(), ins)
+    g2 = torch.autograd.grad((o2[0] * dy).sum(), ins2)
+    out["tsn_bwd_fp32"] = max(rel_err(a, c) for a, c in zip(g1, g2))
+    log(f"gates: {out}")
+    return out
+
+
+def official_ops(log):
+    "Build Megalodon's CUDA ops from .baselines/megalodon (see ../shared/anchors/megalodon_kernels)."
+    path = os.path.join(os.getcwd(), ".baselines", "megalodon")
+    if not os.path.isdir(path):
+        return None, "not present (.baselines/megalodon missing)"
+    try:
+        t0 = time.time()
+        sys.path.insert(0, path)
+        from build import build
+        ops = build()
+        log(f"official ops built in {time.time() - t0:.0f} s")
+        return ops, f"built in {time.time() - t0:.0f} s"
+    except Exception as e:  # noqa: BLE001 - report why, keep benchmarking
+        traceback.print_exc()
+        return None, f"build failed: {type(e).__name__}: {str(e)[:300]}"
+
+
+def official_cema(ops, x_bdl, p, q, g):
+    "The official forward: EMA kernel by ema_parameters_fwd, then its FFT convolution (L <= 16384)."
+    L = x_bdl.shape[-1]
+    k, _, _ = ops.ema_parameters_fwd(p[..., None].contiguous(), q.log()[..., None].contiguous(), g.contiguous(), None, L)
+    n = L if (L & (L - 1)) == 0 else 1 << L.bit_length()
+    y, _ = ops.fftconv_fwd(x_bdl, torch.fft.rfft(k, n=2 * n))
+    return y
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="megalodon_h100.json")
+    ap.add_argument("--lengths", type=int, nargs="*", default=LENGTHS)
+    args = ap.parse_args()
+    t_start = time.time()
+    log = lambda s: print(f"[{time.time() - t_start:6.1f}s] {s}", flush=True)
+    record = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "cuda": torch.version.cuda, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "shape": {"B": B, "D": D, "N": N, "groups": G}, "rows": []}
+    record["gates"] = gates(log)
+    tol = {"cema_fwd_fp32": 1e-4, "cema_fft_vs_ref_fp32": 1e-4, "cema_fwd_bf16": 1e-2, "cema_bwd_fp32": 1e-4,
+           "tsn_fwd_fp32": 1e-4, "tsn_fwd_bf16": 1e-2, "tsn_bwd_fp32": 1e-3}
+    record["gates_pass"] = {k: v <= tol[k] for k, v in record["gates"].items()}
+    bw = copy_bandwidth()
+    record["copy_bandwidth_GBps"] = bw / 1e9
+    log(f"copy bandwidth {bw / 1e9:.0f} GB/s")
+    ops, status = official_ops(log)
+    record["official"] = status
+    p, q, g = params(D, N)
+    w, bias = torch.ones(D, device="cuda"), torch.zeros(D, device="cuda")
+    for T in args.lengths:
+        torch.cuda.empty_cache()
+        x = torch.randn(B, T, D, device="cuda")
+        floor_ms = 2 * x.numel() * 4 / bw * 1e3
+        row = {"T": T, "floor_ms": floor_ms}
+        ok_cema = record["gates_pass"]["cema_fwd_fp32"]
+        ok_tsn = record["gates_pass"]["tsn_fwd_fp32"]
+        try:
+            if ok_cema:
+                row["cema_triton_ms"] = do_bench(lambda: cema(x, p, q, g, backend="triton"), warmup=10, rep=100)
+                xg = x.clone().requires_grad_()
+                def fwd_bwd():
+                    y, _ = cema(xg, p, q, g, backend="triton")
+                    y.backward(torch.ones_like(y))
+                row["cema_triton_fwdbwd_ms"] = do_bench(fwd_bwd, warmup=3, rep=50)
+            row["cema_fft_ms"] = do_bench(lambda: cema_fft(x, p, q, g), warmup=3, rep=50)
+            if T <= 4096:
+                row["cema_seq_ms"] = do_bench(lambda: cema_ref(x, p, q, g), warmup=1, rep=20)
+            if ops is not None and T <= 16384:
+                xt = x.transpose(1, 2).contiguous()
+                y_off = official_cema(ops, xt, p, q, g)
+                err = rel_err(y_off.transpose(1, 2), cema_fft(x, p, q, g)[0])
+                row["cema_official_relerr"] = err
+                if err < 1e-3:
+                    row["cema_official_ms"] = do_bench(lambda: official_cema(ops, xt, p, q, g), warmup=10, rep=100)
+        except Exception as e:  # noqa: BLE001
+            row["cema_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            traceback.print_exc()
+        try:
+            if ok_tsn:
+                row["tsn_triton_ms"] = do_bench(lambda: timestep_norm(x, G, w, bias, backend="triton"), warmup=10, rep=100)
+            row["tsn_torch_ms"] = do_bench(lambda: timestep_norm_ref(x, G, w, bias), warmup=3, rep=50)
+            if ops is not None:
+                c0 = torch.zeros(B, dtype=torch.int64, device="cuda")
+                m0, v0 = torch.zeros(B, G, device="cuda"), torch.ones(B, G, device="cuda")
+                off = lambda: ops.group_timestep_norm_fwd(x, c0, m0, v0, w, bias, None, G, 1e-5)
+                err = rel_err(off()[0], timestep_norm_ref(x, G, w, bias)[0])
+                row["tsn_official_relerr"] = err
+                if err < 1e-3:
+                    row["tsn_official_ms"] = do_bench(off, warmup=10, rep=100)
+        except Exception as e:  # noqa: BLE001
+            row["tsn_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            traceback.print_exc()
+        record["rows"].append(row)
+        log(json.dumps(row))
+        del x
+        with open(args.out, "w") as f:  # write as we go: a time-out still leaves the rows so far
+            json.dump(record, f, indent=2)
+    df = pd.DataFrame(record["rows"])
+    print(df.to_string())
+    with open(args.out, "w") as f:
+        json.dump(record, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""CEMA (chapter 11_megalodon): the Triton chunked scan and its backward against the sequential
+reference and the FFT form; bad inputs. On a CPU the kernel runs under TRITON_INTERPRET=1."""
+import math
+
+import pytest
+import torch
+
+from tinylab.kernels.cema import cema, cema_fft, cema_ref
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float64: 1e-10}
+
+
+def assert_close(name, ref, out, ratio):
+    "Max-abs error relative to the reference's largest entry (complex: over re and im)."
+    ref, out = torch.as_tensor(ref), torch.as_tensor(out)
+    if ref.is_complex():
+        ref, out = torch.view_as_real(ref), torch.view_as_real(out.to(ref.dtype))
+    ref, out = ref.double(), out.double()
+    err = (ref - out).abs().max().item()
+    rel = err / max(ref.abs().max().item(), 1e-12)
+    rms = ((ref - out).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-12)).item()
+    print(f"{name}: max-abs {err:.2e}, max-rel {rel:.2e}, rel-rms {rms:.2e}")
+    assert not torch.isnan(out).any(), f"{name}: NaN in output (an element was never written)"
+    assert rel <= ratio, f"{name}: max-rel error {rel:.2e} > {ratio:.0e}"
+
+
+def make(B, T, D, N, dtype=torch.float32, seed=0, h0=True):
+    g = torch.Generator().manual_seed(seed)
+    alpha, delta = torch.rand(D, N, generator=g), torch.rand(D, N, generator=g)
+    theta = torch.rand(D, 1, generator=g) * torch.arange(1, N + 1) * 2 * math.pi / N
+    real = torch.float64 if dtype == torch.float64 else torch.float32
+    cplx = torch.complex128 if dtype == torch.float64 else torch.complex64
+    q = torch.polar(1 - alpha * delta, theta).to(cplx)
+    gamma = (torch.complex(torch.randn(D, N, generator=g), torch.randn(D, N, generator=g)) / math.sqrt(N)).to(cplx)
+    x = torch.randn(B, T, D, generator=g).to(dtype)
+    hx = torch.randn(B, D, N, generator=g, dtype=cplx) if h0 else None
+    return x, alpha.to(real), q, gamma, hx
+
+
+SHAPES = [pytest.param(1, 1, 1, 1, id="T1-D1-N1"), pytest.param(2, 19, 5, 3, id="T19-D5-N3"),
+          pytest.param(1, 33, 7, 16, id="T33-D7-N16"), pytest.param(3, 8, 4, 4, id="T8-aligned")]
+
+
+@pytest.mark.parametrize("B,T,D,N", SHAPES)
+def test_fft_matches_recurrence(B, T, D, N):
+    x, p, q, g, h0 = make(B, T, D, N)
+    y_ref, h_ref = cema_ref(x, p, q, g, h0)
+    y_fft, h_fft = cema_fft(x, p, q, g, h0)
+    assert_close("y fft", y_ref, y_fft, 1e-4)
+    assert_close("h_T fft", h_ref, h_fft, 1e-4)
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
+@pytest.mark.parametrize("B,T,D,N", SHAPES)
+def test_triton_forward(poison_empty, B, T, D, N, dtype):
+    x, p, q, g, h0 = make(B, T, D, N, dtype)
+    y_ref, h_ref = cema_ref(x, p, q, g, h0)
+    y_tri, h_tri = cema(x, p, q, g, h0, backend="triton")
+    assert y_tri.dtype == dtype and y_tri.shape == (B, T, D)
+    assert_close("y", y_ref.float(), y_tri.float(), TOL[dtype])
+    assert_close("h_T", h_ref, h_tri, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("use_h0", [False, True], ids=["no-h0", "h0"])
+@pytest.mark.parametrize("B,T,D,N", [pytest.param(2, 19, 5, 3, id="T19-D5-N3"), pytest.param(1, 9, 3, 16, id="T9-N16")])
+def test_triton_backward(poison_empty, B, T, D, N, use_h0):
+    x, p, q, g, h0 = make(B, T, D, N, h0=use_h0)
+    ref = [t.clone().requires_grad_() for t in (x, p, q, g) + ((h0,) if use_h0 else ())]
+    tri = [t.clone().requires_grad_() for t in ref]
+    y_ref, h_ref = cema_ref(*ref)
+    y_tri, h_tri = cema(*tri, backend="triton")
+    dy, dh = torch.randn_like(y_ref), torch.randn_like(h_ref)
+    loss = lambda y, h: (y * dy).sum() + (h * dh.conj()).real.sum()
+    g_ref = torch.autograd.grad(loss(y_ref, h_ref), ref)
+    g_tri = torch.autograd.grad(loss(y_tri, h_tri), tri)
+    for name, a, b in zip(["x", "p", "q", "gamma", "h0"], g_ref, g_tri):
+        assert_close(f"d{name}", a, b, 1e-4)
+
+
+def test_gradcheck_float64():
+    x, p, q, g, h0 = make(1, 9, 1, 2, torch.float64)
+    ins = [t.requires_grad_() for t in (x, p, q, g, h0)]
+    assert torch.autograd.gradcheck(lambda *a: cema(*a, backend="triton"), ins, fast_mode=True)
+
+
+def test_carried_state_equals_one_pass():
+    x, p, q, g, _ = make(2, 23, 4, 4)
+    y, h = cema(x, p, q, g, backend="triton")
+    y1, h1 = cema(x[:, :10].contiguous(), p, q, g, backend="triton")
+    y2, h2 = cema(x[:, 10:].contiguous(), p, q, g, h1, backend="triton")
+    assert_close("y two segments", y, torch.cat([y1, y2], 1), 1e-4)
+    assert_close("h_T two segments", h, h2, 1e-4)
+
+
+@pytest.mark.parametrize("mutate,exc,match", [
+    (lambda a: {**a, "x": a["x"][0]}, ValueError, "x must be"),
+    (lambda a: {**a, "x": a["x"].int()}, TypeError, "x must be float"),
+    (lambda a: {**a, "p": a["p"][:, :2]}, ValueError, "must be \\(D, N\\)"),
+    (lambda a: {**a, "p": a["p"][:3]}, ValueError, "p must be"),
+    (lambda a: {**a, "q": a["q"].real.contiguous()}, TypeError, "q must be complex"),
+    (lambda a: {**a, "gamma": a["gamma"][:, :1]}, ValueError, "gamma must be"),
+    (lambda a: {**a, "h0": a["h0"][:1]}, ValueError, "h0 must be"),
+    (lambda a: {**a, "p": [0.5]}, TypeError, "p must be a torch.Tensor"),
+    (lambda a: {**a, "backend": "cuda-magic"}, ValueError, "backend"),
+], ids=["x-2d", "x-int", "q-shape", "p-shape", "q-real", "gamma-shape", "h0-shape", "p-list", "backend"])
+def test_bad_inputs(mutate, exc, match):
+    x, p, q, g, h0 = make(2, 5, 4, 3)
+    args = mutate(dict(x=x, p=p, q=q, gamma=g, h0=h0))
+    with pytest.raises(exc, match=match):
+        backend = args.pop("backend", "triton")
+        cema(**args, backend=backend)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_device_mismatch():
+    x, p, q, g, h0 = make(1, 5, 4, 3)
+    with pytest.raises(ValueError, match="device"):
+        cema(x.cuda(), p, q, g)

@@ -1,0 +1,95 @@
+"""Timestep normalisation (chapter 11_megalodon): the Triton Welford scan and the analytic backward
+against the cumulative-sum reference; bad inputs. On a CPU the kernel runs under TRITON_INTERPRET=1."""
+import pytest
+import torch
+
+from tinylab.kernels.timestep_norm import timestep_norm, timestep_norm_ref
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+
+
+def assert_close(name, ref, out, ratio):
+    ref, out = torch.as_tensor(ref).double(), torch.as_tensor(out).double()
+    err = (ref - out).abs().max().item()
+    rel = err / max(ref.abs().max().item(), 1e-12)
+    print(f"{name}: max-abs {err:.2e}, max-rel {rel:.2e}")
+    assert not torch.isnan(out).any(), f"{name}: NaN in output (an element was never written)"
+    assert rel <= ratio, f"{name}: max-rel error {rel:.2e} > {ratio:.0e}"
+
+
+def make(B, T, D, G, dtype=torch.float32, seed=0, prior=True):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(B, T, D, generator=g) * 2 + 0.5).to(dtype)
+    w, b = torch.randn(D, generator=g), torch.randn(D, generator=g)
+    if not prior:
+        return x, w, b, None, None, None
+    c0 = torch.randint(0, 5, (B,), generator=g)
+    m0, v0 = torch.randn(B, G, generator=g), torch.rand(B, G, generator=g) + 0.5
+    return x, w, b, c0, m0, v0
+
+
+SHAPES = [pytest.param(1, 1, 4, 1, id="T1-K4"), pytest.param(2, 19, 10, 2, id="T19-K5"),
+          pytest.param(1, 37, 12, 4, id="T37-K3"), pytest.param(2, 16, 64, 2, id="T16-K32")]
+
+
+@pytest.mark.parametrize("prior", [False, True], ids=["no-prior", "prior"])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
+@pytest.mark.parametrize("B,T,D,G", SHAPES)
+def test_triton_forward(poison_empty, B, T, D, G, dtype, prior):
+    x, w, b, c0, m0, v0 = make(B, T, D, G, dtype, prior=prior)
+    ref = timestep_norm_ref(x, G, w, b, c0, m0, v0)
+    tri = timestep_norm(x, G, w, b, c0, m0, v0, backend="triton")
+    assert tri[0].dtype == dtype
+    assert_close("y", ref[0].float(), tri[0].float(), TOL[dtype])
+    assert torch.equal(ref[1], tri[1])
+    assert_close("mean", ref[2], tri[2], TOL[torch.float32])
+    assert_close("var", ref[3], tri[3], TOL[torch.float32])
+
+
+@pytest.mark.parametrize("B,T,D,G", SHAPES[1:])
+def test_triton_backward(poison_empty, B, T, D, G):
+    x, w, b, c0, m0, v0 = make(B, T, D, G)
+    ref = [t.clone().requires_grad_() for t in (x, w, b, m0, v0)]
+    tri = [t.clone().requires_grad_() for t in (x, w, b, m0, v0)]
+    o_ref = timestep_norm_ref(ref[0], G, ref[1], ref[2], c0, ref[3], ref[4])
+    o_tri = timestep_norm(tri[0], G, tri[1], tri[2], c0, tri[3], tri[4], backend="triton")
+    cot = [torch.randn_like(o_ref[0]), torch.randn_like(o_ref[2]), torch.randn_like(o_ref[3])]
+    loss = lambda o: (o[0] * cot[0]).sum() + (o[2] * cot[1]).sum() + (o[3] * cot[2]).sum()
+    for name, a, bb in zip(["x", "weight", "bias", "prev_mean", "prev_var"],
+                           torch.autograd.grad(loss(o_ref), ref), torch.autograd.grad(loss(o_tri), tri)):
+        assert_close(f"d{name}", a, bb, 1e-3)
+
+
+def test_gradcheck_float64():
+    x, w, b, c0, m0, v0 = make(1, 10, 4, 2)
+    ins = [t.double().requires_grad_() for t in (x, w, b, m0, v0)]
+    def f(x, w, b, m, v):
+        y, _, mean, var = timestep_norm(x, 2, w, b, c0, m, v, backend="triton")
+        return y, mean, var
+    assert torch.autograd.gradcheck(f, ins, fast_mode=True)
+
+
+def test_segments_equal_one_pass():
+    x, w, b, *_ = make(2, 21, 8, 2, prior=False)
+    y, c, m, v = timestep_norm(x, 2, w, b, backend="triton")
+    y1, *s = timestep_norm(x[:, :9].contiguous(), 2, w, b, backend="triton")
+    y2, c2, m2, v2 = timestep_norm(x[:, 9:].contiguous(), 2, w, b, *s, backend="triton")
+    assert_close("y segments", y, torch.cat([y1, y2], 1), 1e-4)
+    assert torch.equal(c, c2)
+    assert_close("var segments", v, v2, 1e-4)
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(x=torch.randn(4, 8)), ValueError, "x must be"),
+    (dict(x=torch.randint(0, 3, (1, 4, 8))), TypeError, "x must be float"),
+    (dict(num_groups=3), ValueError, "num_groups"),
+    (dict(weight=torch.ones(4)), ValueError, "weight must have shape"),
+    (dict(prev_count=torch.zeros(1)), TypeError, "prev_count must be int64"),
+    (dict(prev_mean=torch.zeros(1, 3)), ValueError, "prev_mean must have shape"),
+    (dict(backend="magic"), ValueError, "backend"),
+], ids=["x-2d", "x-int", "groups", "weight", "count-dtype", "mean-shape", "backend"])
+def test_bad_inputs(kw, exc, match):
+    args = dict(x=torch.randn(1, 4, 8), num_groups=2, weight=torch.ones(8), bias=torch.zeros(8), backend="triton")
+    args.update(kw)
+    with pytest.raises(exc, match=match):
+        timestep_norm(**args)
