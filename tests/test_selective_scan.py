@@ -1,0 +1,184 @@
+"""The selective scan (tinylab.kernels.selective_scan): Triton kernel and chunked scan vs the sequential reference,
+gradients of the autograd Function, and bad inputs. Triton runs in its interpreter on a CPU (~1 ms per scanned
+element), so the Triton shapes are small but never multiples of the blocks."""
+import os
+
+import pytest
+import torch
+
+import tinylab.kernels.selective_scan as ss
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float64: 1e-10}
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def assert_close(name, ref, out, ratio):
+    "Max-abs error relative to max |ref|, printed with the relative RMS error."
+    ref, out = ref.double(), out.double()
+    err = (out - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30)
+    rms = ((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+    print(f"{name}: max rel {err:.2e}, rms rel {rms:.2e}")
+    assert torch.isfinite(out).all(), f"{name}: non-finite values"
+    assert err <= ratio, f"{name}: max rel error {err:.2e} > {ratio:.0e}"
+
+
+@pytest.mark.parametrize("batch,T,D,N", [
+    pytest.param(1, 1, 1, 1, id="B1-T1-D1-N1"),
+    pytest.param(2, 37, 5, 3, id="B2-T37-D5-N3"),
+    pytest.param(1, 9, 17, 16, id="B1-T9-D17-N16"),
+    pytest.param(3, 21, 3, 1, id="B3-T21-D3-N1"),
+    pytest.param(1, 63, 9, 2, id="B1-T63-D9-N2"),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("with_h0", [False, True], ids=["h0=0", "h0"])
+def test_triton_matches_reference(poison_empty, batch, T, D, N, dtype, with_h0):
+    kw = ss.random_inputs(batch, T, D, N, dtype=dtype, device=DEV, with_h0=with_h0, with_D=not with_h0, seed=T)
+    ref_y, ref_h = ss.selective_scan_ref(**kw)
+    tri_y, tri_h = ss.selective_scan_triton(**kw)
+    assert tri_y.dtype == dtype and tri_h.dtype == torch.float32
+    assert_close("y", ref_y, tri_y, TOL[dtype])
+    assert_close("h_T", ref_h, tri_h, TOL[dtype])
+
+
+def test_triton_fixed_blocks_and_float64(poison_empty):
+    kw = ss.random_inputs(2, 11, 6, 5, dtype=torch.float64, device=DEV, with_h0=True)
+    ref_y, ref_h = ss.selective_scan_ref(**kw)
+    tri_y, tri_h = ss.selective_scan_triton(**kw, block_t=4, block_d=4)
+    assert_close("y", ref_y, tri_y, TOL[torch.float64])
+    assert_close("h_T", ref_h, tri_h, TOL[torch.float64])
+
+
+@pytest.mark.parametrize("batch,T,D,N,chunk", [
+    pytest.param(2, 1, 7, 4, 64, id="T1"),
+    pytest.param(3, 100, 60, 16, 64, id="T100-D60"),
+    pytest.param(1, 63, 5, 1, 16, id="T63-chunk16"),
+    pytest.param(2, 130, 3, 7, 37, id="T130-chunk37"),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_chunked_matches_reference(batch, T, D, N, chunk, dtype):
+    kw = ss.random_inputs(batch, T, D, N, dtype=dtype, with_h0=True, seed=1)
+    ref_y, ref_h = ss.selective_scan_ref(**kw)
+    out_y, out_h = ss.selective_scan_chunked(**kw, chunk=chunk)
+    assert_close("y", ref_y, out_y, TOL[dtype])
+    assert_close("h_T", ref_h, out_h, TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+def test_carried_state_equals_one_pass(backend):
+    kw = ss.random_inputs(2, 29, 5, 3, device=DEV, seed=2)
+    y, h = ss.selective_scan(**kw, backend="ref")
+    cut = lambda s: {k: (v[:, s] if k in ("u", "delta", "B", "C") else v) for k, v in kw.items()}
+    y1, h1 = ss.selective_scan(**cut(slice(0, 13)), backend=backend)
+    y2, h2 = ss.selective_scan(**{**cut(slice(13, None)), "h0": h1}, backend=backend)
+    assert_close("y", y, torch.cat([y1, y2], 1), 1e-5)
+    assert_close("h_T", h, h2, 1e-5)
+
+
+def _f64_args(batch, T, D, N, seed=0):
+    kw = ss.random_inputs(batch, T, D, N, dtype=torch.float64, with_h0=True, seed=seed)
+    return [v.requires_grad_() for v in kw.values()]
+
+
+def test_gradcheck_chunked_backward():
+    assert torch.autograd.gradcheck(lambda *a: ss.selective_scan(*a, backend="chunked", chunk=3), _f64_args(2, 7, 3, 2))
+
+
+def test_gradcheck_triton_forward():
+    assert torch.autograd.gradcheck(lambda *a: ss.selective_scan(*a, backend="triton", chunk=2), _f64_args(1, 3, 2, 2, seed=3))
+
+
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+def test_gradients_match_reference_autograd(backend):
+    args = _f64_args(2, 10, 4, 3, seed=4)
+    grads = {}
+    for b in ("ref", backend):
+        y, h = ss.selective_scan(*args, backend=b, chunk=4)
+        grads[b] = torch.autograd.grad((y * torch.sin(y)).sum() + (h ** 3).sum(), args)
+    for name, r, t in zip("u delta A B C D h0".split(), grads["ref"], grads[backend]):
+        assert_close(f"grad {name}", r, t, 1e-10)
+
+
+def test_gradients_without_optional_inputs():
+    kw = ss.random_inputs(1, 6, 2, 2, dtype=torch.float64, with_D=False, seed=5)
+    args = [kw[k].requires_grad_() for k in ("u", "delta", "A", "B", "C")]
+    assert torch.autograd.gradcheck(lambda *a: ss.selective_scan(*a, backend="chunked", chunk=4)[0], args)
+
+
+def test_float32_gradients_close_to_reference():
+    kw = ss.random_inputs(2, 40, 6, 4, seed=6)
+    args = [kw[k].requires_grad_() for k in ("u", "delta", "A", "B", "C", "D")]
+    grads = {}
+    for b in ("ref", "chunked"):
+        grads[b] = torch.autograd.grad(ss.selective_scan(*args, backend=b)[0].pow(2).sum(), args)
+    for name, r, t in zip("u delta A B C D".split(), grads["ref"], grads["chunked"]):
+        assert_close(f"grad {name}", r, t, 1e-4)
+
+
+def test_auto_dispatch_on_cpu_is_reference(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU auto means Triton")
+    kw = ss.random_inputs(1, 5, 2, 2)
+    calls = []
+    ref = ss.selective_scan_ref
+    monkeypatch.setattr(ss, "selective_scan_ref", lambda *a, **k: calls.append(1) or ref(*a, **k))
+    ss.selective_scan(**kw)
+    assert calls
+
+
+def _bad(kw, **changes):
+    return {**kw, **changes}
+
+
+KW = ss.random_inputs(2, 9, 5, 3, with_h0=True)
+
+
+@pytest.mark.parametrize("fn", [ss.selective_scan_ref, ss.selective_scan_chunked, ss.selective_scan_triton, ss.selective_scan],
+                         ids=["ref", "chunked", "triton", "api"])
+@pytest.mark.parametrize("changes,exc,match", [
+    pytest.param(dict(u=KW["u"][0]), ValueError, "u must have shape", id="u-2d"),
+    pytest.param(dict(delta=KW["delta"][:, :8]), ValueError, "delta must have shape", id="delta-shape"),
+    pytest.param(dict(A=KW["A"][:4]), ValueError, "A must have shape", id="A-shape"),
+    pytest.param(dict(B=KW["B"][..., :2]), ValueError, "B must have shape", id="B-shape"),
+    pytest.param(dict(C=KW["C"][:1]), ValueError, "C must have shape", id="C-shape"),
+    pytest.param(dict(D=KW["D"][:2]), ValueError, "D must have shape", id="D-shape"),
+    pytest.param(dict(h0=KW["h0"][:, :, :2]), ValueError, "h0 must have shape", id="h0-shape"),
+    pytest.param(dict(B=KW["B"].double()), TypeError, "B must have u's dtype", id="B-dtype"),
+    pytest.param(dict(A=KW["A"].bfloat16()), TypeError, "A must be torch.float32", id="A-dtype"),
+    pytest.param(dict(h0=KW["h0"].double()), TypeError, "h0 must be torch.float32", id="h0-dtype"),
+    pytest.param(dict(u=KW["u"].long(), delta=KW["delta"].long(), B=KW["B"].long(), C=KW["C"].long()), TypeError, "u must be float", id="u-int"),
+    pytest.param(dict(C=KW["C"].numpy()), TypeError, "C must be a torch.Tensor", id="C-numpy"),
+    pytest.param(dict(A=torch.zeros(5, 65)), ValueError, "state size N", id="N-too-large"),
+    pytest.param(dict(delta=KW["delta"].to("meta")), ValueError, "delta is on meta", id="device"),
+])
+def test_bad_inputs(fn, changes, exc, match):
+    with pytest.raises(exc, match=match):
+        fn(**_bad(KW, **changes))
+
+
+def test_triton_refuses_non_contiguous():
+    C = KW["C"].transpose(0, 1).contiguous().transpose(0, 1)
+    with pytest.raises(ValueError, match="C must be contiguous"):
+        ss.selective_scan_triton(**_bad(KW, C=C))
+    # the public API makes projections contiguous itself
+    y, _ = ss.selective_scan(**_bad(KW, C=C), backend="triton")
+    assert_close("y", ss.selective_scan_ref(**KW)[0], y, 1e-4)
+
+
+def test_triton_needs_cuda_or_interpreter(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the kernel runs natively")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        ss.selective_scan_triton(**KW)
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(backend="cuda"), "backend"), (dict(chunk=0), "chunk"),
+                                          (dict(chunk=True), "chunk")])
+def test_api_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ss.selective_scan(**KW, **kwargs)
+
+
+def test_block_sizes_both_or_neither():
+    with pytest.raises(ValueError, match="block_t and block_d"):
+        ss.selective_scan_triton(**KW, block_t=8)
