@@ -90,9 +90,31 @@ def final_stream_state(outputs: list) -> list:
     return [out for out in merged if out.output_type != "stream" or out.text.strip()]
 
 
+def display_math_as_blocks(markdown: str) -> str:
+    """Give every `$$` display-math block its own paragraph. Jupyter renders `$$...$$` inside a paragraph;
+    MyST (Jupyter Book) reads it there as inline math and garbles it."""
+    lines, out, i = markdown.split("\n"), [], 0
+    while i < len(lines):
+        if not lines[i].lstrip().startswith("$$"):
+            out.append(lines[i]); i += 1
+            continue
+        j = i
+        if lines[i].count("$$") < 2:  # a block over several lines: find its closing $$
+            j = i + 1
+            while j < len(lines) and "$$" not in lines[j]:
+                j += 1
+        if out and out[-1].strip():
+            out.append("")
+        out.extend(lines[i:j + 1])
+        if j + 1 < len(lines) and lines[j + 1].strip():
+            out.append("")
+        i = j + 1
+    return "\n".join(out)
+
+
 def for_reading(nb_path: Path) -> None:
     """Prepare the rendered copy: strip nbdev's directives (`#| hide` cells go, other `#|` lines are
-    dropped) and reduce progress bars to their final state."""
+    dropped), reduce progress bars to their final state, and set display math apart for MyST."""
     nb = nbformat.read(nb_path, as_version=4)
     cells = []
     for cell in nb.cells:
@@ -103,6 +125,8 @@ def for_reading(nb_path: Path) -> None:
                 continue
             cell.source = "\n".join(line for line in lines if not line.startswith("#|"))
             cell.outputs = final_stream_state(cell.outputs)
+        elif cell.cell_type == "markdown":
+            cell.source = display_math_as_blocks(cell.source)
         cells.append(cell)
     nb.cells = cells
     nbformat.write(nb, nb_path)

@@ -6,7 +6,7 @@ import nbformat
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "book"))
-from build import final_stream_state, toc_entries  # noqa: E402
+from build import display_math_as_blocks, final_stream_state, toc_entries  # noqa: E402
 
 
 def test_toc_lists_existing_notebooks_root_first():
@@ -28,3 +28,10 @@ def test_widget_warning_dropped():
         "/x/tqdm/auto.py:21: TqdmWarning: IProgress not found. Please update jupyter and ipywidgets.\n"
         "  from .autonotebook import tqdm as notebook_tqdm\n"))
     assert final_stream_state([stream]) == []
+
+
+def test_display_math_gets_its_own_paragraph():
+    md = "Text before\n$$a = b;$$\nmore text\n\n$$\nx = y\n$$\nafter\n\n- item:\n  $$z$$\n- next"
+    assert display_math_as_blocks(md) == ("Text before\n\n$$a = b;$$\n\nmore text\n\n$$\nx = y\n$$\n\nafter"
+                                          "\n\n- item:\n\n  $$z$$\n\n- next")
+    assert display_math_as_blocks("no math, $inline$ only") == "no math, $inline$ only"
