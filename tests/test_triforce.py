@@ -115,6 +115,25 @@ def test_flat_cache_update_and_crop(models):
         cache.update(torch.ones(1, 2, 30, 8), torch.ones(1, 2, 30, 8), 0)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_flat_cache_with_the_models_own_attention(models, attn):
+    "Prefill in pieces through FlatKVCache with SDPA / eager attention, then a decoding step with the triforce kernel."
+    from tinylab.triforce import _forward, _triforce_attention
+    target, _ = models
+    ids = prompt(21, 5)[0].tolist()
+    saved, target.config._attn_implementation = target.config._attn_implementation, attn
+    try:
+        with torch.no_grad():
+            whole = target(torch.tensor([ids])).logits[0]
+            cache = FlatKVCache(target, 32)
+            parts = [_forward(target, ids[:12], cache), _forward(target, ids[12:17], cache)]
+            with _triforce_attention(target):
+                parts.append(_forward(target, ids[17:], cache))
+    finally:
+        target.config._attn_implementation = saved
+    torch.testing.assert_close(torch.cat(parts), whole, atol=1e-5, rtol=1e-5)
+
+
 def test_selections():
     keys = torch.zeros(1, 1, 16, 2)
     keys[0, 0, 8:12, 1] = 1.0                                         # chunk 2 (of size 4) points along axis 1

@@ -85,6 +85,11 @@ class FlatKVCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.lengths[layer_idx]
 
+    def get_mask_sizes(self, query, layer_idx: int = 0) -> tuple[int, int]:
+        "(kv length, kv offset) of the next forward pass, for the masks `transformers` builds for its own attention."
+        n_new = query if isinstance(query, int) else query.shape[-1]   # newer versions pass a length, older ones cache_position
+        return self.lengths[layer_idx] + n_new, 0
+
     def crop(self, n: int):
         "Forget every token from position `n` on."
         self.lengths = [min(n, m) for m in self.lengths]
@@ -192,7 +197,8 @@ class DecodeStats:
     draft_accepted: int = 0
     middle_proposed: int = 0
     middle_accepted: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0            # wall clock, prefill included
+    prefill_seconds: float = 0.0    # the prompt's prefill (and the first retrieval cache)
 
     @property
     def draft_acceptance(self) -> float:
@@ -205,6 +211,10 @@ class DecodeStats:
     @property
     def tokens_per_round(self) -> float:
         return self.new_tokens / max(self.rounds, 1)
+
+    @property
+    def decode_seconds(self) -> float:
+        return self.seconds - self.prefill_seconds
 
 
 class _triforce_attention:
@@ -220,6 +230,14 @@ class _triforce_attention:
     def __exit__(self, *exc):
         for m, s in zip(self.models, self.saved):
             m.config._attn_implementation = s
+
+
+def _now(model) -> float:
+    "Wall-clock time once the model's device has finished the work queued so far."
+    dev = next(model.parameters()).device
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return time.perf_counter()
 
 
 def _forward(model, tokens: list[int], cache: FlatKVCache, select=None, record=None) -> torch.Tensor:
@@ -246,12 +264,17 @@ def _prompt(input_ids, max_new_tokens) -> list[int]:
 @torch.no_grad()
 def autoregressive_generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0,
                             generator=None, eos_token_id=None) -> tuple[torch.Tensor, DecodeStats]:
-    "The baseline: one full-cache forward pass per token, same caches and attention. Returns (prompt + new tokens, stats)."
+    """The baseline: one full-cache forward pass per token, same caches and attention, and the prompt prefilled as
+    `triforce_generate` does (the model's own attention, then one token through ours). Returns (prompt + new tokens, stats)."""
     seq = _prompt(input_ids, max_new_tokens)
-    n0, t0 = len(seq), time.perf_counter()
+    n0, t0 = len(seq), _now(model)
     cache = FlatKVCache(model, n0 + max_new_tokens)
+    if n0 > 2:
+        _forward(model, seq[:-2], cache)                   # prefill with the model's own attention
     with _triforce_attention(model):
-        logits = _forward(model, seq, cache)[-1]
+        _forward(model, seq[-2:-1], cache)
+        t_prefill = _now(model) - t0
+        logits = _forward(model, seq[-1:], cache)[-1]
         while True:
             x = int(torch.multinomial(to_probs(logits, temperature).cpu(), 1, generator=generator))
             seq.append(x)
@@ -259,7 +282,7 @@ def autoregressive_generate(model, input_ids, max_new_tokens: int, temperature: 
                 break
             logits = _forward(model, [x], cache)[-1]
     n = len(seq) - n0
-    return torch.tensor(seq), DecodeStats(new_tokens=n, rounds=n, seconds=time.perf_counter() - t0)
+    return torch.tensor(seq), DecodeStats(new_tokens=n, rounds=n, seconds=_now(model) - t0, prefill_seconds=t_prefill)
 
 
 @torch.no_grad()
@@ -274,7 +297,7 @@ def triforce_generate(target, draft, input_ids, max_new_tokens: int, cfg: TriFor
     if target.config.vocab_size != draft.config.vocab_size:
         raise ValueError(f"draft and target must share a vocabulary, got {draft.config.vocab_size} and {target.config.vocab_size}")
     seq = _prompt(input_ids, max_new_tokens)
-    n_prompt, t_start = len(seq), time.perf_counter()
+    n_prompt, t_start = len(seq), _now(target)
     cap = n_prompt + max_new_tokens + cfg.gamma2 + cfg.gamma1 + 2
     full, dcache = FlatKVCache(target, cap), FlatKVCache(draft, cap)
     C, T, stats = cfg.chunk_size, cfg.temperature, DecodeStats()
@@ -290,12 +313,16 @@ def triforce_generate(target, draft, input_ids, max_new_tokens: int, cfg: TriFor
                                        C, full.k[0].device)
         return retrieval_selection(queries, full, n, cfg.budget, C)
 
+    # prefill, with the models' own attention: both caches take all prompt tokens but the last, which is "pending";
+    # the target's last cached token goes through the triforce attention to record its queries
+    if n_prompt > 2:
+        _forward(target, seq[:-2], full)
+    _forward(draft, seq[:-1], dcache)
     with _triforce_attention(target, draft):
-        # prefill: both caches take all prompt tokens but the last, which is "pending"
         record = {}
-        _forward(target, seq[:-1], full, record=record)
-        _forward(draft, seq[:-1], dcache, select=draft_select())
+        _forward(target, seq[-2:-1], full, record=record)
         select = middle_select({layer: q[:, :, -1] for layer, q in record.items()})
+        stats.prefill_seconds = _now(target) - t_start
         while len(seq) - n_prompt < max_new_tokens:
             n0 = len(seq)                                  # committed tokens; the full cache holds n0 - 1
             mid, mid_q = [], []
@@ -329,5 +356,5 @@ def triforce_generate(target, draft, input_ids, max_new_tokens: int, cfg: TriFor
             if stats.rounds % cfg.refresh_every == 0:      # rebuild the retrieval cache: newest cached query
                 select = middle_select({layer: q[:, :, n3] for layer, q in record.items()})
     seq = seq[:n_prompt + max_new_tokens]
-    stats.new_tokens, stats.seconds = len(seq) - n_prompt, time.perf_counter() - t_start
+    stats.new_tokens, stats.seconds = len(seq) - n_prompt, _now(target) - t_start
     return torch.tensor(seq), stats

@@ -76,7 +76,9 @@ def sparse_decode_attention_ref(q, k, v, chunk_idx, chunk_size=8, scale=None, nu
     return (w @ vs).reshape(B, H, NQ, D).to(q.dtype)
 
 # %% ../../nbs/21_triforce.ipynb #cell-023
-@triton.jit
+# sizes that change from one decoding step to the next are not specialised on (Triton would compile a variant for each
+# value that is 1 or a multiple of 16, seconds each, in the middle of decoding)
+@triton.jit(do_not_specialize=["stride_qb", "stride_ib", "stride_ih", "N", "M", "NQ", "R", "chunks_per_split"])
 def sparse_decode_attention_kernel(Q, K, V, IDX, O_PART, LSE_PART,
                                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                                    stride_vb, stride_vh, stride_vt, stride_ib, stride_ih,
@@ -137,7 +139,7 @@ def sparse_decode_attention_kernel(Q, K, V, IDX, O_PART, LSE_PART,
     tl.store(LSE_PART + base + rows, lse, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_ob", "stride_oh", "stride_ot", "NQ", "R", "n_splits"])
 def combine_splits_kernel(O_PART, LSE_PART, OUT, stride_ob, stride_oh, stride_ot,
                           Hkv, NQ, R, n_splits, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)                                  # one program per (b, kv head, row)

@@ -1,0 +1,265 @@
+"""End-to-end GPU benchmark of the TriForce chapter (nbs/21_triforce.ipynb): wall-clock decoding speed of
+`triforce_generate` against plain autoregressive decoding as the context grows, on one GPU, where the target's
+KV cache outweighs its weights.
+
+Two steps, from the repository root:
+    python3 benchmarks/bench_triforce_e2e.py prepare --data .bench/triforce           # any machine with tinylab installed
+    PYTHONPATH=. python3 benchmarks/bench_triforce_e2e.py run --data .bench/triforce --out book/results/triforce_e2e_h100.json
+
+`prepare` tokenizes the chapter's corpus (Shakespeare, `tinylab.lm`) into one token stream (`tokens.npy`, the last
+`validation` documents at its end). `run` needs only torch, triton, transformers and numpy: it trains a target
+Llama (12 layers, 1024 wide, full multi-head attention, so every token adds 48 KiB of bf16 KV cache) and a
+2-layer draft on the stream for a few minutes, with PoSE position skips (Zhu et al., arXiv 2309.10400) so that
+1K-token training windows cover relative distances up to the longest context; then, at each context length,
+it decodes the same prompts with
+  - plain decoding, the model's own attention (SDPA) reading the full cache,
+  - plain decoding through the chapter's kernel over all chunks (`autoregressive_generate`),
+  - TriForce (`triforce_generate`): draft with a StreamingLLM cache -> target on a 4K retrieval cache -> target
+    on the full cache, the paper's gamma1 = 2, gamma2 = 6, chunks of 8,
+and reports decoding time (prefill excluded), tokens per second, acceptance rates and the speedup; plus the cost
+of one forward pass of each level, which explains the speedup. `--smoke` runs tiny sizes on any device.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tinylab.triforce import (FlatKVCache, TriForceConfig, _forward, _triforce_attention, autoregressive_generate,
+                              retrieval_selection, streaming_selection, triforce_generate)
+
+SIZES = {  # target, draft, training and decoding settings; "smoke" checks the script anywhere in a minute
+    "full":  dict(d=1024, layers=12, heads=8, draft_d=256, draft_layers=2, draft_heads=4, window=1024, batch=16,
+                  steps=700, draft_steps=500, lr=6e-4, contexts=[16384, 65536, 262144, 524288], new_tokens=128,
+                  prompts=2, budget=4096, sinks=16, draft_window=240),
+    "smoke": dict(d=64, layers=2, heads=2, draft_d=32, draft_layers=1, draft_heads=2, window=64, batch=4,
+                  steps=20, draft_steps=10, lr=3e-3, contexts=[256, 512], new_tokens=12,
+                  prompts=1, budget=64, sinks=8, draft_window=32),
+}
+
+
+def prepare(data: Path, vocab_size: int = 2048):
+    "Tokenize the chapter's corpus into `tokens.npy` (uint16; train documents, then validation) and save the tokenizer."
+    from tinylab.lm import load_corpus, train_tokenizer
+    corpus = load_corpus("shakespeare")
+    texts = {split: list(corpus[split]["text"]) for split in ("train", "validation")}
+    tok = train_tokenizer(texts["train"], vocab_size=vocab_size)
+    stream, n_val = [], 0
+    for split in ("train", "validation"):
+        for ids in tok(texts[split])["input_ids"]:
+            stream += ids + [tok.eos_token_id]
+            n_val += len(ids) + 1 if split == "validation" else 0
+    data.mkdir(parents=True, exist_ok=True)
+    np.save(data / "tokens.npy", np.asarray(stream, dtype=np.uint16))
+    tok.save_pretrained(data / "tokenizer")
+    (data / "meta.json").write_text(json.dumps({"vocab_size": vocab_size, "tokens": len(stream), "validation_tokens": n_val,
+                                                "eos": tok.eos_token_id}))
+    print(f"{len(stream):,} tokens ({n_val:,} validation) -> {data}")
+
+
+def llama(vocab: int, d: int, layers: int, heads: int, max_pos: int, eos: int) -> LlamaConfig:
+    return LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=int(8 * d / 3) // 64 * 64, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_pos,
+                       rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, tie_word_embeddings=True,
+                       bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, attn_implementation="sdpa")
+
+
+def pose_positions(batch: int, window: int, max_pos: int, g: torch.Generator) -> torch.Tensor:
+    "PoSE: each window is cut in two at a random point and the second part's positions skip ahead by a random amount."
+    cut = torch.randint(1, window, (batch, 1), generator=g)
+    skip = torch.randint(0, max_pos - window + 1, (batch, 1), generator=g)
+    pos = torch.arange(window).expand(batch, -1)
+    return pos + (pos >= cut) * skip
+
+
+def train(model, tokens: torch.Tensor, steps: int, batch: int, window: int, lr: float, max_pos: int, seed: int, dev) -> list:
+    "AdamW, bf16 autocast, cosine schedule; random windows of the training stream with PoSE positions. Returns losses."
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, fused=dev.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    losses, t0 = [], time.perf_counter()
+    for step in range(steps):
+        start = torch.randint(0, len(tokens) - window - 1, (batch,), generator=g)
+        x = torch.stack([tokens[s:s + window + 1] for s in start.tolist()]).to(dev)
+        pos = pose_positions(batch, window, max_pos, g).to(dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            logits = model(input_ids=x[:, :-1], position_ids=pos).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True); loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(); sched.step()
+        losses.append(loss.item())
+        if step % 100 == 0 or step == steps - 1:
+            print(f"  step {step:4d} loss {loss.item():.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return losses
+
+
+@torch.no_grad()
+def sdpa_generate(model, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float]:
+    "Plain greedy decoding with the model's own attention over a FlatKVCache. Returns (new tokens, decode seconds)."
+    seq = ids.tolist()
+    cache = FlatKVCache(model, len(seq) + new_tokens)
+    _forward(model, seq[:-1], cache)
+    torch.cuda.synchronize() if ids.is_cuda else None
+    t0 = time.perf_counter()
+    logits = _forward(model, seq[-1:], cache)[-1]
+    for _ in range(new_tokens):
+        seq.append(int(logits.argmax()))
+        if len(seq) - len(ids) < new_tokens:
+            logits = _forward(model, seq[-1:], cache)[-1]
+    return torch.tensor(seq[len(ids):]), time.perf_counter() - t0
+
+
+@torch.no_grad()
+def level_costs(target, draft, ids: list[int], tf: TriForceConfig, dev) -> dict:
+    "Milliseconds of one forward pass of each level at this context (median of 5, CUDA events / perf_counter)."
+    full, dcache = FlatKVCache(target, len(ids) + 16), FlatKVCache(draft, len(ids) + 16)
+    _forward(target, ids[:-2], full); _forward(draft, ids[:-1], dcache)
+    record = {}
+    with _triforce_attention(target, draft):
+        _forward(target, ids[-2:-1], full, record=record)
+        n = full.get_seq_length()
+        retrieval = retrieval_selection({l: q[:, :, -1] for l, q in record.items()}, full, n, tf.budget, tf.chunk_size)
+        streaming = streaming_selection(dcache.get_seq_length(), len(dcache.k), 1, dcache.k[0].shape[1], tf.sinks, tf.window,
+                                        tf.chunk_size, dev)
+        cases = {"draft, 1 token (StreamingLLM cache)": (draft, dcache, [1], streaming),
+                 f"target, {tf.gamma1 + 1} tokens, retrieval cache": (target, full, [1] * (tf.gamma1 + 1), retrieval),
+                 "target, 1 token, full cache": (target, full, [1], None),
+                 f"target, {tf.gamma2 + 1} tokens, full cache": (target, full, [1] * (tf.gamma2 + 1), None)}
+        out = {}
+        for name, (model, cache, toks, sel) in cases.items():
+            n0, times = cache.get_seq_length(), []
+            for _ in range(6):
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                _forward(model, toks, cache, select=sel)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+                cache.crop(n0)
+            out[name] = 1e3 * float(np.median(times[1:]))
+        out["retrieval cache build (all layers)"] = 1e3 * _time(lambda: retrieval_selection(
+            {l: q[:, :, -1] for l, q in record.items()}, full, n, tf.budget, tf.chunk_size), dev)
+    return out
+
+
+def show(row: dict):
+    "One measured row, printed as it comes."
+    line = f"{row['context']:>7} {row['method']:<40} {row['new_tokens'] / row['decode_s']:7.1f} tok/s, prefill {row.get('prefill_s', 0):6.2f} s"
+    if "draft_acceptance" in row:
+        line += f", accepted {row['draft_acceptance']:.2f} / {row['middle_acceptance']:.2f}, {row['tokens_per_round']:.2f} tokens per check"
+    print(line, flush=True)
+
+
+def _time(fn, dev, repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats + 1):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter(); fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[1:]))
+
+
+def run(data: Path, out: Path | None, size: str, seed: int = 0, **overrides):
+    S = {**SIZES[size], **{k: v for k, v in overrides.items() if v is not None}}
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    meta = json.loads((data / "meta.json").read_text())
+    tokens = torch.from_numpy(np.load(data / "tokens.npy").astype(np.int64))
+    n_val = meta["validation_tokens"]
+    train_tokens = tokens[:-n_val]
+    max_pos = max(S["contexts"]) + 1024
+    V, eos = meta["vocab_size"], meta["eos"]
+    torch.manual_seed(seed)
+    target = LlamaForCausalLM(llama(V, S["d"], S["layers"], S["heads"], max_pos, eos)).to(dev)
+    draft = LlamaForCausalLM(llama(V, S["draft_d"], S["draft_layers"], S["draft_heads"], max_pos, eos)).to(dev)
+    device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    print(f"{device}; target {sum(p.numel() for p in target.parameters()) / 1e6:.1f}M, "
+          f"draft {sum(p.numel() for p in draft.parameters()) / 1e6:.2f}M parameters", flush=True)
+    t0 = time.perf_counter()
+    print("training the target"); tl = train(target, train_tokens, S["steps"], S["batch"], S["window"], S["lr"], max_pos, seed, dev)
+    print("training the draft"); dl = train(draft, train_tokens, S["draft_steps"], S["batch"], S["window"], 3 * S["lr"], max_pos, seed + 1, dev)
+    train_seconds = time.perf_counter() - t0
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    target, draft = target.to(dtype).eval(), draft.to(dtype).eval()
+
+    # validation loss of the trained models on held-out windows (contiguous positions), a sanity check
+    with torch.no_grad():
+        xs = torch.stack([tokens[len(tokens) - n_val + i * S["window"]:][:S["window"] + 1] for i in range(8)]).to(dev)
+        val = {name: F.cross_entropy(m(input_ids=xs[:, :-1]).logits.float().flatten(0, 1), xs[:, 1:].flatten()).item()
+               for name, m in (("target", target), ("draft", draft))}
+    print(f"validation loss: {val}", flush=True)
+
+    tf = TriForceConfig(budget=S["budget"], sinks=S["sinks"], window=S["draft_window"])
+    variants = {"TriForce": tf, "TriForce, retrieval cache built once": TriForceConfig(
+        budget=S["budget"], sinks=S["sinks"], window=S["draft_window"], refresh_every=10**9)}
+    t0 = time.perf_counter()
+    autoregressive_generate(target, tokens[:300], 40); triforce_generate(target, draft, tokens[:300], 40, tf)  # compile the kernels
+    print(f"warm-up {time.perf_counter() - t0:.1f} s", flush=True)
+    rows, costs = [], {}
+    for ctx in S["contexts"]:
+        for p in range(S["prompts"] if ctx < max(S["contexts"]) else 1):   # one prompt at the longest, for time
+            end = len(tokens) - p * (n_val // max(S["prompts"], 1))     # the prompt ends in held-out text
+            ids = tokens[max(end - ctx, 0):end]
+            ids = torch.cat([tokens[:ctx - len(ids)], ids]) if len(ids) < ctx else ids
+            n = S["new_tokens"]
+            ref, t_sdpa = sdpa_generate(target, ids.to(dev), n)
+            rows.append(dict(context=ctx, prompt=p, method="plain decoding, SDPA", new_tokens=n, decode_s=t_sdpa)); show(rows[-1])
+            plain, st = autoregressive_generate(target, ids, n)
+            rows.append(dict(context=ctx, prompt=p, method="plain decoding, our kernel", new_tokens=st.new_tokens,
+                             decode_s=st.decode_seconds, prefill_s=st.prefill_seconds, same_as_sdpa=bool(torch.equal(plain[ctx:], ref.cpu())))); show(rows[-1])
+            for name, cfg in variants.items():
+                fast, st = triforce_generate(target, draft, ids, n, cfg)
+                rows.append(dict(context=ctx, prompt=p, method=name, new_tokens=st.new_tokens, decode_s=st.decode_seconds,
+                                 prefill_s=st.prefill_seconds, draft_acceptance=st.draft_acceptance,
+                                 middle_acceptance=st.middle_acceptance, tokens_per_round=st.tokens_per_round,
+                                 same_as_plain=bool(torch.equal(fast, plain)))); show(rows[-1])
+        costs[ctx] = level_costs(target, draft, ids.tolist(), tf, dev)
+        print(f"  level costs (ms): {costs[ctx]}", flush=True)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        result = dict(device=device, torch=torch.__version__, transformers=transformers.__version__,
+                      date=datetime.now(timezone.utc).strftime("%Y-%m-%d"), size=size,
+                      target=dict(layers=S["layers"], d_model=S["d"], heads=S["heads"], params=sum(p.numel() for p in target.parameters()),
+                                  kv_bytes_per_token=2 * S["layers"] * S["d"] * torch.finfo(dtype).bits // 8),
+                      draft=dict(layers=S["draft_layers"], d_model=S["draft_d"], params=sum(p.numel() for p in draft.parameters())),
+                      training=dict(steps=S["steps"], draft_steps=S["draft_steps"], batch=S["batch"], window=S["window"],
+                                    final_loss=float(np.mean(tl[-20:])), draft_final_loss=float(np.mean(dl[-20:])),
+                                    seconds=train_seconds, validation_loss=val),
+                      triforce=dict(gamma1=tf.gamma1, gamma2=tf.gamma2, budget=tf.budget, chunk_size=tf.chunk_size,
+                                    sinks=tf.sinks, window=tf.window, temperature=tf.temperature),
+                      rows=rows, level_costs_ms={str(k): v for k, v in costs.items()})
+        if out is not None:                                # after every context, so a cut-off run keeps what it measured
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("step", choices=["prepare", "run"])
+    ap.add_argument("--data", type=Path, default=Path(".bench/triforce"))
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, any device: checks the script runs")
+    ap.add_argument("--contexts", type=int, nargs="+", help="override the context lengths")
+    ap.add_argument("--steps", type=int, help="override the target's (and draft's) training steps")
+    ap.add_argument("--new-tokens", type=int, help="override the tokens generated per prompt")
+    args = ap.parse_args()
+    if args.step == "prepare":
+        prepare(args.data)
+    else:
+        run(args.data, args.out, "smoke" if args.smoke else "full", contexts=args.contexts, steps=args.steps,
+            draft_steps=args.steps, new_tokens=args.new_tokens)
