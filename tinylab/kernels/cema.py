@@ -77,6 +77,32 @@ def _linrec_combine(ar1, ai1, br1, bi1, ar2, ai2, br2, bi2):
     return ar, ai, br, bi
 
 @triton.jit
+def _load_complex(PTR, offs, mask, ACC: tl.constexpr):
+    "The complex numbers stored interleaved (re, im) at element offsets `offs`, as (re, im) in ACC."
+    return (tl.load(PTR + 2 * offs, mask=mask, other=0.).to(ACC),
+            tl.load(PTR + 2 * offs + 1, mask=mask, other=0.).to(ACC))
+
+@triton.jit
+def _store_complex(PTR, offs, re, im, mask):
+    "Store complex numbers interleaved (re, im) at element offsets `offs`."
+    tl.store(PTR + 2 * offs, re, mask=mask)
+    tl.store(PTR + 2 * offs + 1, im, mask=mask)
+
+@triton.jit
+def _load_params(P, Q, G, dn, dn_mask, ACC: tl.constexpr):
+    "One block of channels' parameters: p real, q and gamma complex."
+    p = tl.load(P + dn, mask=dn_mask, other=0.).to(ACC)
+    q_re, q_im = _load_complex(Q, dn, dn_mask, ACC)
+    g_re, g_im = _load_complex(G, dn, dn_mask, ACC)
+    return p, q_re, q_im, g_re, g_im
+
+@triton.jit
+def _scan_from(a_re, a_im, b_re, b_im, s_re, s_im, REVERSE: tl.constexpr):
+    "h_t = A_t s + B_t along axis 0: the tile's recurrence h_t = a_t h_{t-1} + b_t started from the carried state s."
+    A_re, A_im, B_re, B_im = tl.associative_scan((a_re, a_im, b_re, b_im), 0, _linrec_combine, reverse=REVERSE)
+    return B_re + A_re * s_re - A_im * s_im, B_im + A_re * s_im + A_im * s_re
+
+@triton.jit
 def cema_fwd_kernel(X, P, Q, G, H0, Y, HT, HS, T, D, N,
                     HAS_H0: tl.constexpr, SAVE_STATES: tl.constexpr, ACC: tl.constexpr,
                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -87,16 +113,10 @@ def cema_fwd_kernel(X, P, Q, G, H0, Y, HT, HS, T, D, N,
     rn = tl.arange(0, BLOCK_N)
     dn_mask = (rd[:, None] < D) & (rn[None, :] < N)                       # (BLOCK_D, BLOCK_N)
     dn = rd[:, None] * N + rn[None, :]
-    # parameters of this block of channels: p real, q and gamma complex (interleaved re, im)
-    p = tl.load(P + dn, mask=dn_mask, other=0.).to(ACC)
-    q_re = tl.load(Q + 2 * dn, mask=dn_mask, other=0.).to(ACC)
-    q_im = tl.load(Q + 2 * dn + 1, mask=dn_mask, other=0.).to(ACC)
-    g_re = tl.load(G + 2 * dn, mask=dn_mask, other=0.).to(ACC)
-    g_im = tl.load(G + 2 * dn + 1, mask=dn_mask, other=0.).to(ACC)
+    p, q_re, q_im, g_re, g_im = _load_params(P, Q, G, dn, dn_mask, ACC)
     state = b * D * N + dn                                                # offset into (B, D, N) states
     if HAS_H0:
-        h_re = tl.load(H0 + 2 * state, mask=dn_mask, other=0.).to(ACC)
-        h_im = tl.load(H0 + 2 * state + 1, mask=dn_mask, other=0.).to(ACC)
+        h_re, h_im = _load_complex(H0, state, dn_mask, ACC)
     else:
         h_re = tl.zeros([BLOCK_D, BLOCK_N], dtype=ACC)
         h_im = tl.zeros([BLOCK_D, BLOCK_N], dtype=ACC)
@@ -105,8 +125,7 @@ def cema_fwd_kernel(X, P, Q, G, H0, Y, HT, HS, T, D, N,
         t = c * BLOCK_T + rt
         if SAVE_STATES:  # state entering chunk c, for the backward pass: HS is (B, n_chunks, D, N, 2)
             hs = (b * n_chunks + c) * D * N + dn
-            tl.store(HS + 2 * hs, h_re, mask=dn_mask)
-            tl.store(HS + 2 * hs + 1, h_im, mask=dn_mask)
+            _store_complex(HS, hs, h_re, h_im, dn_mask)
         xt_mask = (t[:, None] < T) & (rd[None, :] < D)
         x = tl.load(X + (b * T + t[:, None]) * D + rd[None, :], mask=xt_mask, other=0.).to(ACC)  # (BT, BD)
         valid = (t < T)[:, None, None]
@@ -115,10 +134,7 @@ def cema_fwd_kernel(X, P, Q, G, H0, Y, HT, HS, T, D, N,
         a_im = tl.where(valid, q_im[None, :, :], 0.)
         b_re = x[:, :, None] * p[None, :, :]
         b_im = tl.zeros_like(b_re)
-        A_re, A_im, B_re, B_im = tl.associative_scan((a_re, a_im, b_re, b_im), 0, _linrec_combine)
-        # add the carried state: h_t = A_t h_start + B_t
-        H_re = B_re + A_re * h_re[None, :, :] - A_im * h_im[None, :, :]
-        H_im = B_im + A_re * h_im[None, :, :] + A_im * h_re[None, :, :]
+        H_re, H_im = _scan_from(a_re, a_im, b_re, b_im, h_re[None, :, :], h_im[None, :, :], False)
         # y_t = Re(sum_n gamma_n h_t,n)
         y = tl.sum(g_re[None, :, :] * H_re - g_im[None, :, :] * H_im, axis=2)
         tl.store(Y + (b * T + t[:, None]) * D + rd[None, :], y.to(Y.dtype.element_ty), mask=xt_mask)
@@ -126,8 +142,7 @@ def cema_fwd_kernel(X, P, Q, G, H0, Y, HT, HS, T, D, N,
         last = (rt == BLOCK_T - 1)[:, None, None]
         h_re = tl.sum(tl.where(last, H_re, 0.), axis=0)
         h_im = tl.sum(tl.where(last, H_im, 0.), axis=0)
-    tl.store(HT + 2 * state, h_re, mask=dn_mask)
-    tl.store(HT + 2 * state + 1, h_im, mask=dn_mask)
+    _store_complex(HT, state, h_re, h_im, dn_mask)
 
 # %% ../../nbs/11_megalodon.ipynb #cell-020
 @triton.jit
@@ -140,16 +155,11 @@ def cema_bwd_kernel(X, P, Q, G, HS, DY, DHT, DX, DP, DQ, DG, DH0, T, D, N,
     rn = tl.arange(0, BLOCK_N)
     dn_mask = (rd[:, None] < D) & (rn[None, :] < N)
     dn = rd[:, None] * N + rn[None, :]
-    p = tl.load(P + dn, mask=dn_mask, other=0.).to(ACC)
-    q_re = tl.load(Q + 2 * dn, mask=dn_mask, other=0.).to(ACC)
-    q_im = tl.load(Q + 2 * dn + 1, mask=dn_mask, other=0.).to(ACC)
-    g_re = tl.load(G + 2 * dn, mask=dn_mask, other=0.).to(ACC)
-    g_im = tl.load(G + 2 * dn + 1, mask=dn_mask, other=0.).to(ACC)
+    p, q_re, q_im, g_re, g_im = _load_params(P, Q, G, dn, dn_mask, ACC)
     state = b * D * N + dn
     # the grad of the returned last state h_T enters the adjoint at the last step
     if HAS_DHT:
-        dht_re = tl.load(DHT + 2 * state, mask=dn_mask, other=0.).to(ACC)[None, :, :]
-        dht_im = tl.load(DHT + 2 * state + 1, mask=dn_mask, other=0.).to(ACC)[None, :, :]
+        dht_re, dht_im = _load_complex(DHT, state, dn_mask, ACC)
     # lam = adjoint of the state entering this chunk from the next one
     lam_re = tl.zeros([BLOCK_D, BLOCK_N], dtype=ACC)
     lam_im = tl.zeros([BLOCK_D, BLOCK_N], dtype=ACC)
@@ -163,8 +173,8 @@ def cema_bwd_kernel(X, P, Q, G, HS, DY, DHT, DX, DP, DQ, DG, DH0, T, D, N,
         c = n_chunks - 1 - i                                              # chunks from last to first
         t = c * BLOCK_T + rt
         hs = (b * n_chunks + c) * D * N + dn
-        s_re = tl.load(HS + 2 * hs, mask=dn_mask, other=0.).to(ACC)[None, :, :]
-        s_im = tl.load(HS + 2 * hs + 1, mask=dn_mask, other=0.).to(ACC)[None, :, :]
+        s_re, s_im = _load_complex(HS, hs, dn_mask, ACC)
+        s_re, s_im = s_re[None, :, :], s_im[None, :, :]
         xt_mask = (t[:, None] < T) & (rd[None, :] < D)
         offs = (b * T + t[:, None]) * D + rd[None, :]
         x = tl.load(X + offs, mask=xt_mask, other=0.).to(ACC)
@@ -175,18 +185,14 @@ def cema_bwd_kernel(X, P, Q, G, HS, DY, DHT, DX, DP, DQ, DG, DH0, T, D, N,
         a_im = tl.where(valid, q_im[None, :, :], 0.)
         b_re = x[:, :, None] * p[None, :, :]
         b_im = tl.zeros_like(b_re)
-        A_re, A_im, B_re, B_im = tl.associative_scan((a_re, a_im, b_re, b_im), 0, _linrec_combine)
-        h_re = B_re + A_re * s_re - A_im * s_im
-        h_im = B_im + A_re * s_im + A_im * s_re
+        h_re, h_im = _scan_from(a_re, a_im, b_re, b_im, s_re, s_im, False)
         # h_{t-1}: the same scan on the input shifted by one step (row 0 is the chunk-start state)
         first = (rt == 0)[:, None, None]
         x_prev = tl.load(X + offs - D, mask=xt_mask & (rt[:, None] > 0), other=0.).to(ACC)
         a_re = tl.where(first, 1., a_re)
         a_im = tl.where(first, 0., a_im)
         b_re = x_prev[:, :, None] * p[None, :, :]
-        A_re, A_im, B_re, B_im = tl.associative_scan((a_re, a_im, b_re, b_im), 0, _linrec_combine)
-        hp_re = B_re + A_re * s_re - A_im * s_im
-        hp_im = B_im + A_re * s_im + A_im * s_re
+        hp_re, hp_im = _scan_from(a_re, a_im, b_re, b_im, s_re, s_im, False)
         # adjoint scan backwards in time: lam_t = dy_t conj(gamma) + conj(q) lam_{t+1}
         c_re = tl.where(valid, q_re[None, :, :], 1.)
         c_im = tl.where(valid, -q_im[None, :, :], 0.)
@@ -194,11 +200,9 @@ def cema_bwd_kernel(X, P, Q, G, HS, DY, DHT, DX, DP, DQ, DG, DH0, T, D, N,
         u_im = -dy[:, :, None] * g_im[None, :, :]
         if HAS_DHT:
             at_end = (t == T - 1)[:, None, None]
-            u_re += tl.where(at_end, dht_re, 0.)
-            u_im += tl.where(at_end, dht_im, 0.)
-        A_re, A_im, B_re, B_im = tl.associative_scan((c_re, c_im, u_re, u_im), 0, _linrec_combine, reverse=True)
-        L_re = B_re + A_re * lam_re[None, :, :] - A_im * lam_im[None, :, :]
-        L_im = B_im + A_re * lam_im[None, :, :] + A_im * lam_re[None, :, :]
+            u_re += tl.where(at_end, dht_re[None, :, :], 0.)
+            u_im += tl.where(at_end, dht_im[None, :, :], 0.)
+        L_re, L_im = _scan_from(c_re, c_im, u_re, u_im, lam_re[None, :, :], lam_im[None, :, :], True)
         L_re = tl.where(valid, L_re, 0.)
         L_im = tl.where(valid, L_im, 0.)
         # the gradients, as sums over the chunk's time steps
@@ -214,13 +218,9 @@ def cema_bwd_kernel(X, P, Q, G, HS, DY, DHT, DX, DP, DQ, DG, DH0, T, D, N,
         lam_re = tl.sum(tl.where(first_row, L_re, 0.), axis=0)
         lam_im = tl.sum(tl.where(first_row, L_im, 0.), axis=0)
     tl.store(DP + state, dp, mask=dn_mask)
-    tl.store(DQ + 2 * state, dq_re, mask=dn_mask)
-    tl.store(DQ + 2 * state + 1, dq_im, mask=dn_mask)
-    tl.store(DG + 2 * state, dg_re, mask=dn_mask)
-    tl.store(DG + 2 * state + 1, dg_im, mask=dn_mask)
-    # dh0 = conj(q) lam_0
-    tl.store(DH0 + 2 * state, q_re * lam_re + q_im * lam_im, mask=dn_mask)
-    tl.store(DH0 + 2 * state + 1, q_re * lam_im - q_im * lam_re, mask=dn_mask)
+    _store_complex(DQ, state, dq_re, dq_im, dn_mask)
+    _store_complex(DG, state, dg_re, dg_im, dn_mask)
+    _store_complex(DH0, state, q_re * lam_re + q_im * lam_im, q_re * lam_im - q_im * lam_re, dn_mask)  # conj(q) lam_0
 
 # %% ../../nbs/11_megalodon.ipynb #cell-022
 def _cema_blocks(T: int, D: int, N: int, on_gpu: bool) -> tuple[int, int, int]:
