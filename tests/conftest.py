@@ -25,3 +25,14 @@ def poison_empty(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: poisoned(empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poisoned(empty_like(*a, **k)))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a test module's tiny models on one CPU thread, restored afterwards: for tensors this small a second
+    thread only adds synchronisation, and on a shared machine it is far slower. Use it per module:
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

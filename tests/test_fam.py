@@ -9,13 +9,7 @@ import torch.nn.functional as F
 from tinylab.fam import FAMLlama, RecallTask, bswa_mask, fam_attention, fam_attention_ref, use_bswa
 from tinylab.lm import build_model, tiny_config
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    "These tensors are tiny: one CPU thread is faster than several, and far faster on a shared machine."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TOL = {torch.float32: (2e-5, 1e-4), torch.bfloat16: (3e-2, 5e-2)}  # (atol, rtol)

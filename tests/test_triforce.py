@@ -25,13 +25,7 @@ def chi_square_pvalue(counts, probs, k=10):
     return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.double), stat / 2))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    "Tiny models decode faster on one thread (a second only adds synchronisation); restored afterwards."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
