@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tinylab.triforce import (FlatKVCache, TriForceConfig, _forward, _triforce_attention, autoregressive_generate,
+from tinylab.triforce import (FlatKVCache, TriForceConfig, _forward, _now, _triforce_attention, autoregressive_generate,
                               retrieval_selection, streaming_selection, triforce_generate)
 
 SIZES = {  # target, draft, training and decoding settings; "smoke" checks the script anywhere in a minute
@@ -109,19 +109,18 @@ def sdpa_generate(model, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tens
     seq = ids.tolist()
     cache = FlatKVCache(model, len(seq) + new_tokens)
     _forward(model, seq[:-1], cache)
-    torch.cuda.synchronize() if ids.is_cuda else None
-    t0 = time.perf_counter()
+    t0 = _now(model)
     logits = _forward(model, seq[-1:], cache)[-1]
     for _ in range(new_tokens):
         seq.append(int(logits.argmax()))
         if len(seq) - len(ids) < new_tokens:
             logits = _forward(model, seq[-1:], cache)[-1]
-    return torch.tensor(seq[len(ids):]), time.perf_counter() - t0
+    return torch.tensor(seq[len(ids):]), _now(model) - t0
 
 
 @torch.no_grad()
 def level_costs(target, draft, ids: list[int], tf: TriForceConfig, dev) -> dict:
-    "Milliseconds of one forward pass of each level at this context (median of 5, CUDA events / perf_counter)."
+    "Milliseconds of one forward pass of each level at this context (median of 5)."
     full, dcache = FlatKVCache(target, len(ids) + 16), FlatKVCache(draft, len(ids) + 16)
     _forward(target, ids[:-2], full); _forward(draft, ids[:-1], dcache)
     record = {}
@@ -137,17 +136,8 @@ def level_costs(target, draft, ids: list[int], tf: TriForceConfig, dev) -> dict:
                  f"target, {tf.gamma2 + 1} tokens, full cache": (target, full, [1] * (tf.gamma2 + 1), None)}
         out = {}
         for name, (model, cache, toks, sel) in cases.items():
-            n0, times = cache.get_seq_length(), []
-            for _ in range(6):
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                _forward(model, toks, cache, select=sel)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
-                cache.crop(n0)
-            out[name] = 1e3 * float(np.median(times[1:]))
+            n0 = cache.get_seq_length()                    # each pass appends its tokens, then rolls them back
+            out[name] = 1e3 * _time(lambda: (_forward(model, toks, cache, select=sel), cache.crop(n0)), dev)
         out["retrieval cache build (all layers)"] = 1e3 * _time(lambda: retrieval_selection(
             {l: q[:, :, -1] for l, q in record.items()}, full, n, tf.budget, tf.chunk_size), dev)
     return out
@@ -162,6 +152,7 @@ def show(row: dict):
 
 
 def _time(fn, dev, repeats: int = 5) -> float:
+    "Median seconds of `fn()` over `repeats` calls after one warm-up, the device synchronised around each."
     times = []
     for _ in range(repeats + 1):
         if dev.type == "cuda":
