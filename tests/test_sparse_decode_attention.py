@@ -103,6 +103,14 @@ def test_bad_inputs(mutate, exc, match):
         sparse_decode_attention_ref(*args)
 
 
+def test_prompt_sized_query_is_refused():
+    "2 query heads per kv head x 70 new tokens = 140 rows of one tile: refused with a clear error, not compiled."
+    q, k, v, idx = make(1, 4, 2, 70, 100, 16, 13, torch.float32)
+    for fn in (sparse_decode_attention, sparse_decode_attention_ref):
+        with pytest.raises(ValueError, match="at most 128"):
+            fn(q, k, v, idx)
+
+
 def test_bad_settings():
     q, k, v, idx = _inputs()
     with pytest.raises(ValueError, match="chunk_size"):

@@ -128,6 +128,22 @@ def test_flat_cache_with_the_models_own_attention(models, attn):
     torch.testing.assert_close(torch.cat(parts), whole, atol=1e-5, rtol=1e-5)
 
 
+def test_cache_keyword_and_a_model_that_ignores_the_cache():
+    from types import SimpleNamespace
+    from tinylab.triforce import _cache_keyword, _forward
+
+    class OldStyle(torch.nn.Module):                     # transformers before the `cache` keyword
+        def forward(self, input_ids, position_ids=None, past_key_values=None, use_cache=None, **kwargs):
+            return SimpleNamespace(logits=torch.zeros(1, input_ids.shape[1], V))
+
+    old = OldStyle()
+    old.w = torch.nn.Parameter(torch.zeros(1))
+    assert _cache_keyword(old) == "past_key_values"
+    cache = SimpleNamespace(get_seq_length=lambda: 0)
+    with pytest.raises(RuntimeError, match="did not write"):          # it swallows the cache: fail, never decode blind
+        _forward(old, [1, 2], cache)
+
+
 def test_selections():
     keys = torch.zeros(1, 1, 16, 2)
     keys[0, 0, 8:12, 1] = 1.0                                         # chunk 2 (of size 4) points along axis 1

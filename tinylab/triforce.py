@@ -5,6 +5,7 @@
 # %% ../nbs/21_triforce.ipynb #cell-004
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 
@@ -240,12 +241,20 @@ def _now(model) -> float:
     return time.perf_counter()
 
 
+def _cache_keyword(model) -> str:
+    "The keyword `model.forward` takes its KV cache by: `cache` in recent `transformers`, `past_key_values` before."
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _forward(model, tokens: list[int], cache: FlatKVCache, select=None, record=None) -> torch.Tensor:
     "Logits [t, V] of `tokens` appended to `cache`, at the positions that follow it."
     start, dev = cache.get_seq_length(), next(model.parameters()).device
     pos = torch.arange(start, start + len(tokens), device=dev)[None]
-    return model(input_ids=torch.tensor([tokens], device=dev), position_ids=pos, cache=cache, use_cache=True,
-                 kv_select=select, kv_record=record).logits[0]
+    logits = model(input_ids=torch.tensor([tokens], device=dev), position_ids=pos, use_cache=True,
+                   kv_select=select, kv_record=record, **{_cache_keyword(model): cache}).logits[0]
+    if cache.get_seq_length() != start + len(tokens):   # an unknown keyword would be swallowed: fail loudly instead
+        raise RuntimeError(f"{type(model).__name__} did not write its keys and values into the FlatKVCache")
+    return logits
 
 
 def _prompt(input_ids, max_new_tokens) -> list[int]:

@@ -12,9 +12,11 @@ import triton
 import triton.language as tl
 
 # %% auto #0
-__all__ = ['sparse_decode_attention_ref', 'sparse_decode_attention_kernel', 'combine_splits_kernel', 'sparse_decode_attention']
+__all__ = ['MAX_ROWS', 'sparse_decode_attention_ref', 'sparse_decode_attention_kernel', 'combine_splits_kernel', 'sparse_decode_attention']
 
 # %% ../../nbs/21_triforce.ipynb #cell-020
+MAX_ROWS = 128  # query rows (heads per kv head x new tokens) one call may hold
+
 def _check(q, k, v, chunk_idx, chunk_size, scale, num_splits):
     "Validate the inputs of `sparse_decode_attention`; return (B, H, Hkv, NQ, N, D, M)."
     for name, t in (("q", q), ("k", k), ("v", v), ("chunk_idx", chunk_idx)):
@@ -50,6 +52,9 @@ def _check(q, k, v, chunk_idx, chunk_size, scale, num_splits):
         raise ValueError(f"q has {NQ} query tokens; need 1 <= NQ <= N = {N} (the queries are the last NQ tokens of k)")
     if D > 256:
         raise ValueError(f"head dimension D = {D} is above the supported 256")
+    if (H // Hkv) * NQ > MAX_ROWS:  # all rows of a kv head live in one tile: a prompt-sized NQ would not compile
+        raise ValueError(f"q: {H // Hkv} query heads per kv head x NQ = {NQ} new tokens is {(H // Hkv) * NQ} rows per kv head; "
+                         f"this decoding kernel takes at most {MAX_ROWS} (prefill with the model's own attention)")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
