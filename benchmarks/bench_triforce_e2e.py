@@ -7,7 +7,7 @@ Two steps, from the repository root:
     PYTHONPATH=. python3 benchmarks/bench_triforce_e2e.py run --data .bench/triforce --out book/results/triforce_e2e_h100.json
 
 `prepare` tokenizes the chapter's corpus (Shakespeare, `tinylab.lm`) into one token stream (`tokens.npy`, the last
-`validation` documents at its end). `run` needs only torch, triton, transformers and numpy: it trains a target
+`validation` documents at its end). `run` needs only torch, triton, transformers, numpy and pandas: it trains a target
 Llama (12 layers, 1024 wide, full multi-head attention, so every token adds 48 KiB of bf16 KV cache) and a
 2-layer draft on the stream for a few minutes, with PoSE position skips (Zhu et al., arXiv 2309.10400) so that
 1K-token training windows cover relative distances up to the longest context; then, at each context length,
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from tinylab.core import benchmark
 from tinylab.triforce import (FlatKVCache, TriForceConfig, _forward, _now, _triforce_attention, autoregressive_generate,
                               retrieval_selection, streaming_selection, triforce_generate)
 
@@ -118,29 +119,30 @@ def sdpa_generate(model, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tens
     return torch.tensor(seq[len(ids):]), _now(model) - t0
 
 
+def _one_pass(model, cache: FlatKVCache, tokens: list[int], select):
+    "A forward pass of `tokens` that leaves `cache` as it found it (the tokens are appended, then rolled back)."
+    n0 = cache.get_seq_length()
+    return lambda: (_forward(model, tokens, cache, select=select), cache.crop(n0))
+
+
 @torch.no_grad()
 def level_costs(target, draft, ids: list[int], tf: TriForceConfig, dev) -> dict:
-    "Milliseconds of one forward pass of each level at this context (median of 5)."
+    "Milliseconds of one forward pass of each level at this context (median of 5, `tinylab.core.benchmark`)."
     full, dcache = FlatKVCache(target, len(ids) + 16), FlatKVCache(draft, len(ids) + 16)
     _forward(target, ids[:-2], full); _forward(draft, ids[:-1], dcache)
     record = {}
     with _triforce_attention(target, draft):
         _forward(target, ids[-2:-1], full, record=record)
-        n = full.get_seq_length()
-        retrieval = retrieval_selection({l: q[:, :, -1] for l, q in record.items()}, full, n, tf.budget, tf.chunk_size)
+        n, queries = full.get_seq_length(), {l: q[:, :, -1] for l, q in record.items()}
+        retrieval = retrieval_selection(queries, full, n, tf.budget, tf.chunk_size)
         streaming = streaming_selection(dcache.get_seq_length(), len(dcache.k), 1, dcache.k[0].shape[1], tf.sinks, tf.window,
                                         tf.chunk_size, dev)
-        cases = {"draft, 1 token (StreamingLLM cache)": (draft, dcache, [1], streaming),
-                 f"target, {tf.gamma1 + 1} tokens, retrieval cache": (target, full, [1] * (tf.gamma1 + 1), retrieval),
-                 "target, 1 token, full cache": (target, full, [1], None),
-                 f"target, {tf.gamma2 + 1} tokens, full cache": (target, full, [1] * (tf.gamma2 + 1), None)}
-        out = {}
-        for name, (model, cache, toks, sel) in cases.items():
-            n0 = cache.get_seq_length()                    # each pass appends its tokens, then rolls them back
-            out[name] = 1e3 * _time(lambda: (_forward(model, toks, cache, select=sel), cache.crop(n0)), dev)
-        out["retrieval cache build (all layers)"] = 1e3 * _time(lambda: retrieval_selection(
-            {l: q[:, :, -1] for l, q in record.items()}, full, n, tf.budget, tf.chunk_size), dev)
-    return out
+        fns = {"draft, 1 token (StreamingLLM cache)": _one_pass(draft, dcache, [1], streaming),
+               f"target, {tf.gamma1 + 1} tokens, retrieval cache": _one_pass(target, full, [1] * (tf.gamma1 + 1), retrieval),
+               "target, 1 token, full cache": _one_pass(target, full, [1], None),
+               f"target, {tf.gamma2 + 1} tokens, full cache": _one_pass(target, full, [1] * (tf.gamma2 + 1), None),
+               "retrieval cache build (all layers)": lambda: retrieval_selection(queries, full, n, tf.budget, tf.chunk_size)}
+        return benchmark(fns, warmup=1, repeats=5, device=dev)["ms"].to_dict()
 
 
 def show(row: dict):
@@ -149,19 +151,6 @@ def show(row: dict):
     if "draft_acceptance" in row:
         line += f", accepted {row['draft_acceptance']:.2f} / {row['middle_acceptance']:.2f}, {row['tokens_per_round']:.2f} tokens per check"
     print(line, flush=True)
-
-
-def _time(fn, dev, repeats: int = 5) -> float:
-    "Median seconds of `fn()` over `repeats` calls after one warm-up, the device synchronised around each."
-    times = []
-    for _ in range(repeats + 1):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter(); fn()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times[1:]))
 
 
 def run(data: Path, out: Path | None, size: str, seed: int = 0, **overrides):
