@@ -280,17 +280,23 @@ class CEMAFunction(torch.autograd.Function):
         dh0 = torch.view_as_complex(dh0).to(ctx.h0_dtype) if ctx.has_h0 else None
         return dx, dp.sum(0).to(p.dtype), dq, dg, dh0
 
-def _check_cema_args(x, p, q, gamma, h0):
-    "Raise a ValueError/TypeError that names the argument when an input is not what `cema` expects."
-    for name, t in (("x", x), ("p", p), ("q", q), ("gamma", gamma)) + ((("h0", h0),) if h0 is not None else ()):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device}, but x is on {x.device}: put all inputs on one device")
+def _check_sequence(x):
+    "Raise, naming `x`, unless it is a (B, T, D) float tensor: the input of both Megalodon kernels (CEMA, timestep norm)."
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.ndim != 3:
         raise ValueError(f"x must be (B, T, D), got shape {tuple(x.shape)}")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         raise TypeError(f"x must be float32, bfloat16, float16 or float64, got {x.dtype}")
+
+def _check_cema_args(x, p, q, gamma, h0):
+    "Raise a ValueError/TypeError that names the argument when an input is not what `cema` expects."
+    _check_sequence(x)
+    for name, t in (("p", p), ("q", q), ("gamma", gamma)) + ((("h0", h0),) if h0 is not None else ()):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, but x is on {x.device}: put all inputs on one device")
     B, T, D = x.shape
     if p.ndim != 2 or p.shape[0] != D:
         raise ValueError(f"p must be (D, N) = ({D}, N), got shape {tuple(p.shape)}")

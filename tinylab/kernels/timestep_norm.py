@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .cema import _check_sequence  # the input check both Megalodon kernels share
+
 # %% auto #0
 __all__ = ['timestep_norm_ref', 'timestep_norm_fwd_kernel', 'TimestepNormFunction', 'timestep_norm']
 
@@ -164,12 +166,7 @@ def timestep_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: 
     x: (B, T, D) float32/bfloat16/float16/float64 with D divisible by num_groups; weight, bias: (D,);
     prev_count (B,) int64, prev_mean and prev_var (B, G) or None. backend: "auto" (Triton on CUDA,
     else "ref"), "triton" (on a CPU: the interpreter) or "ref"."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.ndim != 3:
-        raise ValueError(f"x must be (B, T, D), got shape {tuple(x.shape)}")
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        raise TypeError(f"x must be float32, bfloat16, float16 or float64, got {x.dtype}")
+    _check_sequence(x)
     B, T, D = x.shape
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or D % num_groups:
         raise ValueError(f"num_groups must be a positive int dividing D = {D}, got {num_groups!r}")
