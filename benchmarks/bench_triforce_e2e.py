@@ -16,8 +16,10 @@ it decodes the same prompts with
   - plain decoding through the chapter's kernel over all chunks (`autoregressive_generate`),
   - TriForce (`triforce_generate`): draft with a StreamingLLM cache -> target on a 4K retrieval cache -> target
     on the full cache, the paper's gamma1 = 2, gamma2 = 6, chunks of 8,
-and reports decoding time (prefill excluded), tokens per second, acceptance rates and the speedup; plus the cost
-of one forward pass of each level, which explains the speedup. `--smoke` runs tiny sizes on any device.
+and reports decoding time (prefill excluded), tokens per second, acceptance rates and the speedup; plus what explains
+it: each level's forward cost on the wall clock and in GPU kernel time, the share of the newest token's attention the
+retrieval cache holds, and the target's loss with the whole context against its last 1K tokens. `--smoke` runs tiny
+sizes on any device.
 """
 from __future__ import annotations
 
@@ -106,17 +108,75 @@ def train(model, tokens: torch.Tensor, steps: int, batch: int, window: int, lr: 
 
 @torch.no_grad()
 def sdpa_generate(model, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float]:
-    "Plain greedy decoding with the model's own attention over a FlatKVCache. Returns (new tokens, decode seconds)."
-    seq = ids.tolist()
-    cache = FlatKVCache(model, len(seq) + new_tokens)
-    _forward(model, seq[:-1], cache)
-    t0 = _now(model)
-    logits = _forward(model, seq[-1:], cache)[-1]
-    for _ in range(new_tokens):
-        seq.append(int(logits.argmax()))
-        if len(seq) - len(ids) < new_tokens:
-            logits = _forward(model, seq[-1:], cache)[-1]
-    return torch.tensor(seq[len(ids):]), _now(model) - t0
+    """Plain greedy decoding with the model's own attention over a FlatKVCache. Returns (new tokens, decode seconds).
+    The decoding runs twice from the same prefill and the second is timed: the first pass at a new context length
+    pays a one-off set-up of several seconds inside SDPA (seen on the H100), which is not decoding speed."""
+    prompt = ids.tolist()
+    cache = FlatKVCache(model, len(prompt) + new_tokens)
+    _forward(model, prompt[:-1], cache)
+
+    def decode():
+        cache.crop(len(prompt) - 1)
+        seq, t0 = list(prompt), _now(model)
+        logits = _forward(model, seq[-1:], cache)[-1]
+        for _ in range(new_tokens):
+            seq.append(int(logits.argmax()))
+            if len(seq) - len(prompt) < new_tokens:
+                logits = _forward(model, seq[-1:], cache)[-1]
+        return torch.tensor(seq[len(prompt):]), _now(model) - t0
+
+    decode()
+    return decode()
+
+
+def gpu_busy_ms(fns: dict, repeats: int = 5) -> dict:
+    """Milliseconds the GPU spends running kernels (and copies) per call of each function, from the profiler's
+    device timeline. Unlike the wall clock, this leaves out Python and launch overhead: it is what a step
+    would cost with that overhead gone (CUDA graphs, as the paper uses), but for the gaps between kernels."""
+    busy = {}
+    for name, fn in fns.items():
+        fn(); torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(repeats):
+                fn()
+            torch.cuda.synchronize()
+        busy[name] = sum(e.time_range.elapsed_us() for e in prof.events()
+                         if e.device_type == torch.autograd.DeviceType.CUDA) / repeats / 1e3
+    return busy
+
+
+def attention_recall(queries: dict, cache: FlatKVCache, n: int, selection) -> dict:
+    """Share of the full-cache attention of the newest token (softmax over all n cached keys, mean over layers
+    and heads) that falls on the tokens the level-2 cache reads, on as many of the most recent tokens, and on
+    as many of the best tokens of each head (the most any selection of that size could hold)."""
+    shares = {"retrieval cache": [], "most recent tokens": [], "best tokens": []}
+    for layer, q in queries.items():
+        k = cache.k[layer][0, :, :n].float()                                         # (Hkv, n, D)
+        H, D = q.shape[1], q.shape[2]
+        qg = q[0].float().view(k.shape[0], H // k.shape[0], D)                       # (Hkv, G, D)
+        p = torch.softmax(torch.einsum("hgd,hnd->hgn", qg, k) * D ** -0.5, dim=-1)   # (Hkv, G, n)
+        chunks = selection.for_layer(layer, n)[0].long()                             # (Hkv, M)
+        tok = chunks[..., None] * selection.chunk_size + torch.arange(selection.chunk_size, device=k.device)
+        read = torch.zeros(k.shape[:2], dtype=torch.bool, device=k.device)           # (Hkv, n): tokens level 2 reads
+        read.scatter_(1, tok.flatten(1).clamp_max(n - 1), True)
+        m = int(read.sum(1).max())
+        shares["retrieval cache"].append((p * read[:, None]).sum(-1).mean().item())
+        shares["most recent tokens"].append(p[..., -m:].sum(-1).mean().item())
+        shares["best tokens"].append(p.topk(m, dim=-1).values.sum(-1).mean().item())
+    return {name: float(np.mean(v)) for name, v in shares.items()}
+
+
+@torch.no_grad()
+def context_loss(model, ids: list[int], tail: int = 256, short: int = 1024) -> dict:
+    """The target's next-token loss on the last `tail` tokens of `ids`, reading the whole context before them and
+    reading only the `short` tokens before them: a model that uses long contexts does better with the whole."""
+    tail, short = min(tail, len(ids) // 4), min(short, len(ids) // 2)       # (short prompts, as in --smoke)
+    def loss(seq):
+        cache = FlatKVCache(model, len(seq))
+        _forward(model, seq[:-tail], cache)
+        logits = _forward(model, seq[-tail:], cache)[:-1].float()
+        return F.cross_entropy(logits, torch.tensor(seq[-tail + 1:], device=logits.device)).item()
+    return {"whole context": loss(ids), f"last {short} tokens": loss(ids[-(short + tail):])}
 
 
 def _one_pass(model, cache: FlatKVCache, tokens: list[int], select):
@@ -127,7 +187,8 @@ def _one_pass(model, cache: FlatKVCache, tokens: list[int], select):
 
 @torch.no_grad()
 def level_costs(target, draft, ids: list[int], tf: TriForceConfig, dev) -> dict:
-    "Milliseconds of one forward pass of each level at this context (median of 5, `tinylab.core.benchmark`)."
+    """Milliseconds of one forward pass of each level at this context: wall clock (median of 5,
+    `tinylab.core.benchmark`) and, on a GPU, kernel time; and where the newest token's attention goes."""
     full, dcache = FlatKVCache(target, len(ids) + 16), FlatKVCache(draft, len(ids) + 16)
     _forward(target, ids[:-2], full); _forward(draft, ids[:-1], dcache)
     record = {}
@@ -142,7 +203,11 @@ def level_costs(target, draft, ids: list[int], tf: TriForceConfig, dev) -> dict:
                "target, 1 token, full cache": _one_pass(target, full, [1], None),
                f"target, {tf.gamma2 + 1} tokens, full cache": _one_pass(target, full, [1] * (tf.gamma2 + 1), None),
                "retrieval cache build (all layers)": lambda: retrieval_selection(queries, full, n, tf.budget, tf.chunk_size)}
-        return benchmark(fns, warmup=1, repeats=5, device=dev)["ms"].to_dict()
+        costs = {"wall_ms": benchmark(fns, warmup=1, repeats=5, device=dev)["ms"].to_dict(),
+                 "attention_share": attention_recall(queries, full, n, retrieval)}
+        if dev.type == "cuda":
+            costs["gpu_busy_ms"] = gpu_busy_ms(fns)
+        return costs
 
 
 def show(row: dict):
@@ -205,9 +270,10 @@ def run(data: Path, out: Path | None, size: str, seed: int = 0, **overrides):
                 rows.append(dict(context=ctx, prompt=p, method=name, new_tokens=st.new_tokens, decode_s=st.decode_seconds,
                                  prefill_s=st.prefill_seconds, draft_acceptance=st.draft_acceptance,
                                  middle_acceptance=st.middle_acceptance, tokens_per_round=st.tokens_per_round,
+                                 rounds=st.rounds, draft_proposed=st.draft_proposed, middle_proposed=st.middle_proposed,
                                  same_as_plain=bool(torch.equal(fast, plain)))); show(rows[-1])
-        costs[ctx] = level_costs(target, draft, ids.tolist(), tf, dev)
-        print(f"  level costs (ms): {costs[ctx]}", flush=True)
+        costs[ctx] = {**level_costs(target, draft, ids.tolist(), tf, dev), "loss": context_loss(target, ids.tolist())}
+        print(f"  level costs and diagnostics: {costs[ctx]}", flush=True)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         result = dict(device=device, torch=torch.__version__, transformers=transformers.__version__,
@@ -220,7 +286,7 @@ def run(data: Path, out: Path | None, size: str, seed: int = 0, **overrides):
                                     seconds=train_seconds, validation_loss=val),
                       triforce=dict(gamma1=tf.gamma1, gamma2=tf.gamma2, budget=tf.budget, chunk_size=tf.chunk_size,
                                     sinks=tf.sinks, window=tf.window, temperature=tf.temperature),
-                      rows=rows, level_costs_ms={str(k): v for k, v in costs.items()})
+                      rows=rows, levels={str(k): v for k, v in costs.items()})
         if out is not None:                                # after every context, so a cut-off run keeps what it measured
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(result, indent=1))

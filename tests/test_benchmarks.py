@@ -28,4 +28,7 @@ def test_triforce_e2e_smoke(tmp_path):
     for row in result["rows"]:
         assert row["new_tokens"] > 0 and row["decode_s"] > 0
         assert row.get("same_as_plain", True)              # greedy TriForce reproduces plain decoding exactly
-    assert set(result["level_costs_ms"]) == {str(c) for c in (256, 512)}
+    assert set(result["levels"]) == {str(c) for c in (256, 512)}
+    for level in result["levels"].values():
+        assert 0 < level["attention_share"]["retrieval cache"] <= level["attention_share"]["best tokens"] + 1e-6 <= 1 + 1e-6
+        assert len(level["loss"]) == 2 and "whole context" in level["loss"]
