@@ -123,13 +123,14 @@ def streaming_selection(n_cached: int, n_layers: int, batch: int, hkv: int, sink
 
 def chunk_scores(query: torch.Tensor, keys: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """s_c = q . mean key of chunk c, summed over the query heads sharing a kv head.
-    query [B, H, D]; keys [B, Hkv, n, D] (only complete chunks are scored) -> scores [B, Hkv, n // chunk_size]."""
+    query [B, H, D]; keys [B, Hkv, n, D] (only complete chunks are scored) -> scores [B, Hkv, n // chunk_size].
+    Computed as the mean of the per-token scores q . k_t (in the cache's dtype), so the cache is read once."""
     B, H, D = query.shape
     Hkv, n = keys.shape[1], keys.shape[2]
     nc = n // chunk_size
-    means = keys[:, :, :nc * chunk_size].float().view(B, Hkv, nc, chunk_size, D).mean(3)   # (B, Hkv, nc, D)
     qg = query.float().view(B, Hkv, H // Hkv, D).sum(2)                                   # (B, Hkv, D)
-    return torch.einsum("bhcd,bhd->bhc", means, qg)
+    per_token = keys[:, :, :nc * chunk_size] @ qg.to(keys.dtype)[..., None]              # (B, Hkv, nc * C, 1)
+    return per_token.float().view(B, Hkv, nc, chunk_size).mean(3)
 
 
 def retrieval_selection(queries: dict, cache: FlatKVCache, n_cached: int, budget: int,
