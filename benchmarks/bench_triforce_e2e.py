@@ -109,8 +109,9 @@ def train(model, tokens: torch.Tensor, steps: int, batch: int, window: int, lr: 
 @torch.no_grad()
 def sdpa_generate(model, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float]:
     """Plain greedy decoding with the model's own attention over a FlatKVCache. Returns (new tokens, decode seconds).
-    The decoding runs twice from the same prefill and the second is timed: the first pass at a new context length
-    pays a one-off set-up of several seconds inside SDPA (seen on the H100), which is not decoding speed."""
+    The decoding runs twice from the same prefill and the second is timed: on the H100 the first decode at each
+    context length ran several times slower. Whether that is a one-off set-up or a cost SDPA pays at every new cache
+    length (the second decode sees the same lengths again) this does not tell; the chapter says so."""
     prompt = ids.tolist()
     cache = FlatKVCache(model, len(prompt) + new_tokens)
     _forward(model, prompt[:-1], cache)
@@ -145,7 +146,7 @@ def gpu_busy_ms(fns: dict, repeats: int = 5) -> dict:
     return busy
 
 
-def attention_recall(queries: dict, cache: FlatKVCache, n: int, selection) -> dict:
+def attention_share(queries: dict, cache: FlatKVCache, n: int, selection) -> dict:
     """Share of the full-cache attention of the newest token (softmax over all n cached keys, mean over layers
     and heads) that falls on the tokens the level-2 cache reads, on as many of the most recent tokens, and on
     as many of the best tokens of each head (the most any selection of that size could hold)."""
@@ -204,7 +205,7 @@ def level_costs(target, draft, ids: list[int], tf: TriForceConfig, dev) -> dict:
                f"target, {tf.gamma2 + 1} tokens, full cache": _one_pass(target, full, [1] * (tf.gamma2 + 1), None),
                "retrieval cache build (all layers)": lambda: retrieval_selection(queries, full, n, tf.budget, tf.chunk_size)}
         costs = {"wall_ms": benchmark(fns, warmup=1, repeats=5, device=dev)["ms"].to_dict(),
-                 "attention_share": attention_recall(queries, full, n, retrieval)}
+                 "attention_share": attention_share(queries, full, n, retrieval)}
         if dev.type == "cuda":
             costs["gpu_busy_ms"] = gpu_busy_ms(fns)
         return costs
