@@ -15,6 +15,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -110,6 +111,30 @@ def display_math_as_blocks(markdown: str) -> str:
             out.append("")
         i = j + 1
     return "\n".join(out)
+
+
+# A measured number in prose: a decimal (95.7, 0.674), or an integer with a unit of time, a percentage or a
+# ratio ("8 minutes", "40%", "3x"). Math, inline code, links and arXiv ids are not prose.
+NUMBER = re.compile(r"(?<![\w.])(\d+\.\d+|\d+(?=\s?(?:%|x\b|×|ms\b|s\b|seconds?\b|minutes?\b|min\b|hours?\b)))")
+NOT_PROSE = re.compile(r"\$\$.*?\$\$|\$[^$\n]+\$|`[^`\n]*`|\]\([^)]*\)|https?://\S+|arXiv[: ]\s*\d{4}\.\d{4,5}(v\d+)?"
+                       r"|\{cite[^}]*\}`[^`]*`", re.S)
+
+
+def numbers_not_from_the_run(nb) -> list[str]:
+    """Numbers in a notebook's Markdown that neither its code nor its outputs contain: prose that states a
+    measurement from an earlier run instead of rendering it from this one (render such sentences in code,
+    e.g. `Markdown(f"...")`; a paper's figure belongs in the code that quotes it, such as its claim table)."""
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    outputs = "\n".join(json.dumps(c.get("outputs", [])) for c in nb.cells if c.cell_type == "code")
+    produced = set(re.findall(r"(?<![\d.])\d+(?:\.\d+)?", code + outputs))
+    found = []
+    for cell in nb.cells:
+        if cell.cell_type != "markdown":
+            continue
+        for number in NUMBER.findall(NOT_PROSE.sub(" ", cell.source)):
+            if number not in produced and number not in found:
+                found.append(number)
+    return found
 
 
 def for_reading(nb_path: Path) -> None:

@@ -6,7 +6,7 @@ import nbformat
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "book"))
-from build import display_math_as_blocks, final_stream_state, toc_entries  # noqa: E402
+from build import display_math_as_blocks, final_stream_state, numbers_not_from_the_run, toc_entries  # noqa: E402
 
 
 def test_toc_lists_existing_notebooks_root_first():
@@ -35,3 +35,14 @@ def test_display_math_gets_its_own_paragraph():
     assert display_math_as_blocks(md) == ("Text before\n\n$$a = b;$$\n\nmore text\n\n$$\nx = y\n$$\n\nafter"
                                           "\n\n- item:\n\n  $$z$$\n\n- next")
     assert display_math_as_blocks("no math, $inline$ only") == "no math, $inline$ only"
+
+
+def test_prose_numbers_must_come_from_the_run():
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_markdown_cell("Accuracy 95.7%, in about 8 minutes; the paper's 99.8 (Table 1). "
+                                      "$x^{0.5}$, `torch==2.13.0`, arXiv 2404.09516, 12 layers."),
+        nbformat.v4.new_code_cell("paper = '99.8% (Mamba, Table 1)'")])
+    nb.cells[1].outputs = [nbformat.v4.new_output("stream", name="stdout", text="accuracy 96.1\n")]
+    assert numbers_not_from_the_run(nb) == ["95.7", "8"]
+    nb.cells[1].outputs[0].text = "accuracy 95.7, 8 minutes\n"
+    assert numbers_not_from_the_run(nb) == []

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from tinylab.core import SCALES, ClaimTable, benchmark, device_name, get_device, pick_scale, seed_everything
+from tinylab.core import (FAILS, HOLDS, INCONCLUSIVE, SCALES, THIS_RUN, ClaimTable, benchmark, decide, device_name,
+                          fit_exponent, get_device, paired_bootstrap, pick_scale, recorded, seed_everything, seed_interval)
 
 
 def draws():
@@ -91,17 +92,80 @@ def test_benchmark_errors(kwargs, exc, match):
 
 def test_claim_table_roundtrip(tmp_path):
     t = ClaimTable("demo", "ci", device="test-device")
-    t.add("a", "1.0", "1.1", True).add("b", "2", "3", np.bool_(False))
-    assert list(t.to_frame()["holds"]) == ["yes", "no"]
-    assert "demo" in t._repr_html_() and "test-device" in str(t)
+    t.add("a", "1.0", "1.1", True).add("b", "2", "3", np.bool_(False)).add("c", "4", "5", INCONCLUSIVE)
+    t.check("kernel matches reference", "max err 1e-7", "< 1e-4", True)
+    assert list(t.to_frame()["outcome"]) == [HOLDS, FAILS, INCONCLUSIVE]
+    assert list(t.checks_frame()["passed"]) == ["yes"]
+    assert "demo" in t._repr_html_() and "Implementation checks" in t._repr_html_() and "test-device" in str(t)
     path = tmp_path / "sub" / "r.json"
     rec = t.save(path, losses=np.array([1.0, 0.5]), best=torch.tensor(0.5), n=np.int64(3))
     on_disk = json.loads(path.read_text())
-    assert on_disk["claims"] == rec["claims"] and on_disk["claims"][1]["holds"] is False
+    assert on_disk["claims"] == rec["claims"] and on_disk["claims"][1]["outcome"] == FAILS
+    assert on_disk["checks"][0] == {"check": "kernel matches reference", "measured": "max err 1e-7",
+                                    "criterion": "< 1e-4", "passed": True, "source": THIS_RUN}
     assert on_disk["metrics"] == {"losses": [1.0, 0.5], "best": 0.5, "n": 3}
     assert t.save(None)["chapter"] == "demo"
 
 
-def test_claim_table_rejects_non_bool():
-    with pytest.raises(TypeError, match="holds"):
-        ClaimTable("demo", "ci", device="x").add("a", "1", "2", "yes")
+@pytest.mark.parametrize("outcome", ["yes", None, 1, "hold"])
+def test_claim_table_rejects_unknown_outcome(outcome):
+    with pytest.raises(TypeError, match="outcome"):
+        ClaimTable("demo", "ci", device="x").add("a", "1", "2", outcome)
+
+
+def test_check_rejects_non_bool():
+    with pytest.raises(TypeError, match="passed"):
+        ClaimTable("demo", "ci", device="x").check("a", "1", "2", "yes")
+
+
+def test_sources_and_counts(tmp_path):
+    rec = tmp_path / "x_h200.json"
+    rec.write_text(json.dumps({"device": "NVIDIA H200", "date": "2026-11-29T10:00:00+00:00"}))
+    src = recorded(rec)
+    assert src == "recorded: x_h200.json, NVIDIA H200, 2026-11-29"
+    t = ClaimTable("demo", "ci", device="x").add("a", "1", "2", True).add("b", "1", "2", False, source=src)
+    counts = t.counts()
+    assert counts.loc[THIS_RUN, HOLDS] == 1 and counts.loc[src, FAILS] == 1 and counts.loc[src, INCONCLUSIVE] == 0
+    with pytest.raises(ValueError, match="source"):
+        t.add("c", "1", "2", True, source="an H100")
+    rec.write_text("{}")
+    with pytest.raises(ValueError, match="device and date"):
+        recorded(rec)
+
+
+def test_decide_can_say_each_outcome():
+    rng = np.random.default_rng(0)
+    a = rng.normal(1.0, 1.0, 500)
+    b = a - 0.2 + rng.normal(0, 0.1, 500)
+    assert decide(paired_bootstrap(a, b)) == HOLDS
+    assert decide(paired_bootstrap(b, a)) == FAILS
+    assert decide(paired_bootstrap(b, a), margin=0.5) == HOLDS  # at least as good, within 0.5
+    assert decide(paired_bootstrap(np.array([1.0, -1.0, 2.0, -1.5]), np.zeros(4))) == INCONCLUSIVE
+    with pytest.raises(ValueError, match="margin"):
+        decide(paired_bootstrap(a, b), margin=-1)
+
+
+def test_paired_bootstrap_is_repeatable_and_covers_the_mean():
+    d = np.arange(20.0)
+    iv = paired_bootstrap(d, np.zeros(20), n_boot=2500, seed=1)
+    assert iv == paired_bootstrap(d, np.zeros(20), n_boot=2500, seed=1)
+    assert iv.low < 9.5 < iv.high and iv.estimate == 9.5 and "20 items" in iv.method
+    with pytest.raises(ValueError, match="1-D"):
+        paired_bootstrap(np.zeros((2, 2)), np.zeros((2, 2)))
+
+
+def test_seed_interval_needs_three_seeds():
+    assert decide(seed_interval([0.9, 0.95], [0.1, 0.1])) == INCONCLUSIVE
+    assert "fewer than 3" in str(seed_interval([1.0], [0.0]))
+    iv = seed_interval([0.91, 0.90, 0.92], [0.80, 0.81, 0.79])
+    assert decide(iv) == HOLDS and abs(iv.estimate - 0.11) < 1e-12
+
+
+def test_fit_exponent():
+    x = np.array([16, 32, 64, 128, 256])
+    assert abs(fit_exponent(x, 5 * x**1.5).estimate - 1.5) < 1e-9
+    noisy = fit_exponent(x, x * np.exp(np.random.default_rng(0).normal(0, 0.3, 5)))
+    assert noisy.low < 1 < noisy.high
+    assert np.isinf(fit_exponent(x[:2], x[:2] ** 2).low)  # two points: no interval
+    with pytest.raises(ValueError, match="positive"):
+        fit_exponent(x, -x)

@@ -22,7 +22,9 @@ import pandas as pd
 import torch
 
 # %% auto #0
-__all__ = ['SCALES', 'seed_everything', 'get_device', 'device_name', 'pick_scale', 'benchmark', 'Claim', 'ClaimTable']
+__all__ = ['SCALES', 'HOLDS', 'FAILS', 'INCONCLUSIVE', 'OUTCOMES', 'THIS_RUN', 'LEVEL', 'N_BOOTSTRAP', 'seed_everything',
+           'get_device', 'device_name', 'pick_scale', 'benchmark', 'recorded', 'Claim', 'Check', 'ClaimTable',
+           'Interval', 'paired_bootstrap', 'seed_interval', 'fit_exponent', 'decide']
 
 # %% ../nbs/00_core.ipynb #cell-006
 def seed_everything(seed: int) -> torch.Generator:
@@ -105,7 +107,8 @@ def benchmark(fns: Mapping[str, Callable[[], Any]], baseline: str | None = None,
     """Median milliseconds of each zero-argument function in `fns`, and its speedup over `baseline`.
 
     `baseline` (default: the first entry) is timed in the same call. Returns a DataFrame indexed by name
-    with columns `ms` (median), `min_ms`, `speedup` (baseline ms / ms); `df.attrs` records the device."""
+    with columns `ms` (median), `min_ms`, `speedup` (baseline ms / ms); `df.attrs` records the device
+    and every timing (`times`: name -> list of ms), for intervals over the repeats."""
     if not fns:
         raise ValueError("fns: give at least one function to time")
     if not all(callable(f) for f in fns.values()):
@@ -116,7 +119,7 @@ def benchmark(fns: Mapping[str, Callable[[], Any]], baseline: str | None = None,
     if warmup < 0 or repeats < 1:
         raise ValueError(f"warmup must be >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
     dev = get_device(device)
-    rows = {}
+    rows, raw = {}, {}
     for name, fn in fns.items():
         for _ in range(warmup):
             fn()
@@ -124,58 +127,126 @@ def benchmark(fns: Mapping[str, Callable[[], Any]], baseline: str | None = None,
             torch.cuda.synchronize(dev)
         times = [_time_once(fn, dev) for _ in range(repeats)]
         rows[name] = {"ms": statistics.median(times), "min_ms": min(times)}
+        raw[name] = times
     df = pd.DataFrame.from_dict(rows, orient="index")
     df["speedup"] = df.loc[baseline, "ms"] / df["ms"]
-    df.attrs.update(device=device_name(dev), baseline=baseline, repeats=repeats,
+    df.attrs.update(device=device_name(dev), baseline=baseline, repeats=repeats, times=raw,
                     torch=torch.__version__, date=datetime.now(timezone.utc).strftime("%Y-%m-%d"))
     return df
 
 # %% ../nbs/00_core.ipynb #cell-021
+HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
+OUTCOMES = (HOLDS, FAILS, INCONCLUSIVE)
+THIS_RUN = "this run"
+
+def recorded(path: str | os.PathLike, root: str | os.PathLike | None = None) -> str:
+    """The source of numbers read from a recorded results file: `'recorded: <file>, <device>, <date>'`,
+    with device and date read from the file's own `device` and `date` keys (the path is shown relative to
+    `root` when given)."""
+    path = Path(path)
+    record = json.loads(path.read_text())
+    missing = [k for k in ("device", "date") if k not in record]
+    if missing:
+        raise ValueError(f"{path}: a recorded result must name its {' and '.join(missing)}")
+    shown = path.relative_to(root) if root is not None else path.name
+    return f"recorded: {shown}, {record['device']}, {str(record['date'])[:10]}"
+
+def _outcome(outcome: bool | str) -> str:
+    "A bool (True: holds, False: does not hold) or one of `OUTCOMES`, as one of `OUTCOMES`."
+    if isinstance(outcome, (bool, np.bool_)):
+        return HOLDS if outcome else FAILS
+    if outcome not in OUTCOMES:
+        raise TypeError(f"outcome must be a bool or one of {OUTCOMES}, got {outcome!r}")
+    return outcome
+
 @dataclass
 class Claim:
-    "One row of a claim table."
-    claim: str   # what is claimed, in words
-    paper: str   # the paper's figure
-    ours: str    # what this chapter measured
-    holds: bool  # does the shape of the claim hold at this scale?
+    "One row of a claim table: a claim of the paper, tested in miniature."
+    claim: str    # what is claimed, in words
+    paper: str    # the paper's figure, with its place (table/figure/section) and version
+    ours: str     # what this chapter measured (with its interval where it claims a difference)
+    outcome: str  # one of OUTCOMES
+    source: str = THIS_RUN  # "this run", or "recorded: file, device, date"
+
+@dataclass
+class Check:
+    "One implementation check: not a claim of the paper, a measured fact about our code."
+    check: str     # what is checked
+    measured: str  # the measured value
+    criterion: str # what it is held to
+    passed: bool
+    source: str = THIS_RUN
 
 @dataclass
 class ClaimTable:
-    "The paper's figures beside ours, for one chapter run at one scale on one device."
+    "The paper's figures beside ours, and our implementation checks, for one chapter run at one scale on one device."
     chapter: str
     scale: str
     device: str = field(default_factory=device_name)
     claims: list[Claim] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
 
-    def add(self, claim: str, paper: str, ours: str, holds: bool) -> "ClaimTable":
-        "Add a row; `holds` must be a real bool (numpy bools are accepted)."
-        if not isinstance(holds, (bool, np.bool_)):
-            raise TypeError(f"holds must be a bool, got {type(holds).__name__}")
-        self.claims.append(Claim(str(claim), str(paper), str(ours), bool(holds)))
+    def add(self, claim: str, paper: str, ours: str, outcome: bool | str, source: str = THIS_RUN) -> "ClaimTable":
+        "Add a claim row; `outcome` is a bool or one of `OUTCOMES` (e.g. from `decide`)."
+        self.claims.append(Claim(str(claim), str(paper), str(ours), _outcome(outcome), _source(source)))
+        return self
+
+    def check(self, check: str, measured: str, criterion: str, passed: bool, source: str = THIS_RUN) -> "ClaimTable":
+        "Add an implementation check; `passed` must be a bool."
+        if not isinstance(passed, (bool, np.bool_)):
+            raise TypeError(f"passed must be a bool, got {type(passed).__name__}")
+        self.checks.append(Check(str(check), str(measured), str(criterion), bool(passed), _source(source)))
         return self
 
     def to_frame(self) -> pd.DataFrame:
-        df = pd.DataFrame([asdict(c) for c in self.claims], columns=["claim", "paper", "ours", "holds"])
-        df["holds"] = df["holds"].map({True: "yes", False: "no"})
+        "The claim rows as a DataFrame."
+        return pd.DataFrame([asdict(c) for c in self.claims], columns=list(Claim.__dataclass_fields__))
+
+    def checks_frame(self) -> pd.DataFrame:
+        "The implementation checks as a DataFrame (`passed` as yes/no)."
+        df = pd.DataFrame([asdict(c) for c in self.checks], columns=list(Check.__dataclass_fields__))
+        df["passed"] = df["passed"].map({True: "yes", False: "no"})
         return df
 
+    def counts(self) -> pd.DataFrame:
+        "Claim rows per source and outcome (one row per source, one column per outcome)."
+        df = self.to_frame()
+        return (df.groupby(["source", "outcome"]).size().unstack(fill_value=0)
+                  .reindex(columns=list(OUTCOMES), fill_value=0))
+
     def _repr_html_(self) -> str:
-        caption = f"{self.chapter} · scale={self.scale} · {self.device}"
-        return self.to_frame().style.hide(axis="index").set_caption(caption).to_html()
+        caption = f"{self.chapter} · scale={self.scale} · this run: {self.device}"
+        html = ""
+        if self.claims:
+            html += self.to_frame().style.hide(axis="index").set_caption(caption).to_html()
+        if self.checks:
+            html += self.checks_frame().style.hide(axis="index").set_caption(f"Implementation checks · {caption}").to_html()
+        return html
 
     def __str__(self) -> str:
-        return f"{self.chapter} (scale={self.scale}, {self.device})\n" + self.to_frame().to_string(index=False)
+        text = f"{self.chapter} (scale={self.scale}, this run: {self.device})"
+        if self.claims:
+            text += "\n" + self.to_frame().to_string(index=False)
+        if self.checks:
+            text += "\nImplementation checks\n" + self.checks_frame().to_string(index=False)
+        return text
 
     def save(self, results_path: str | os.PathLike | None, **metrics: Any) -> dict:
-        "The table and `metrics` as a dict; also written as JSON to `results_path` unless it is None."
+        "The tables and `metrics` as a dict; also written as JSON to `results_path` unless it is None."
         record = {"chapter": self.chapter, "scale": self.scale, "device": self.device,
                   "torch": torch.__version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  "claims": [asdict(c) for c in self.claims], "metrics": metrics}
+                  "claims": [asdict(c) for c in self.claims], "checks": [asdict(c) for c in self.checks],
+                  "metrics": metrics}
         if results_path is not None:
             path = Path(results_path)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(record, indent=2, default=_jsonable))
         return record
+
+def _source(source: str) -> str:
+    if source != THIS_RUN and not str(source).startswith("recorded: "):
+        raise ValueError(f"source must be {THIS_RUN!r} or 'recorded: file, device, date' (see `recorded`), got {source!r}")
+    return str(source)
 
 def _jsonable(x: Any) -> Any:
     "Turn numpy/torch scalars and arrays into plain Python for `json.dumps`."
@@ -188,3 +259,73 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, Path):
         return str(x)
     raise TypeError(f"cannot write {type(x).__name__} as JSON")
+
+# %% ../nbs/00_core.ipynb #32b3b442
+LEVEL = 0.95       # every interval in the book
+N_BOOTSTRAP = 10_000
+
+@dataclass(frozen=True)
+class Interval:
+    "An estimate of a difference (or a slope) with its interval, and how it was made."
+    estimate: float
+    low: float
+    high: float
+    method: str   # e.g. "paired bootstrap over 300 items"
+    level: float = LEVEL
+
+    def __str__(self) -> str:
+        if not np.isfinite(self.low):
+            return f"{self.estimate:+.3g} (no interval: {self.method})"
+        return f"{self.estimate:+.3g} [{self.level:.0%} CI {self.low:+.3g}, {self.high:+.3g}; {self.method}]"
+
+def paired_bootstrap(a, b, *, level: float = LEVEL, n_boot: int = N_BOOTSTRAP, seed: int = 0) -> Interval:
+    "Interval of mean(a - b), resampling the paired items (`a[i]`, `b[i]`) with replacement."
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if d.ndim != 1 or d.size == 0:
+        raise ValueError(f"a and b must be 1-D and of one length > 0, got shapes {np.shape(a)} and {np.shape(b)}")
+    rng = np.random.default_rng(seed)
+    means = np.concatenate([d[rng.integers(0, d.size, (min(n_boot - i, 1000), d.size))].mean(1)
+                            for i in range(0, n_boot, 1000)])
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return Interval(float(d.mean()), float(low), float(high), f"paired bootstrap over {d.size} items", level)
+
+def _t_interval(estimate: float, se: float, dof: int, method: str, level: float) -> Interval:
+    from scipy import stats
+    if dof < 1 or not np.isfinite(se):
+        return Interval(estimate, -np.inf, np.inf, method, level)
+    half = stats.t.ppf((1 + level) / 2, dof) * se
+    return Interval(estimate, estimate - half, estimate + half, method, level)
+
+def seed_interval(a, b, *, level: float = LEVEL) -> Interval:
+    """Student-t interval of the mean per-seed difference `a[s] - b[s]`. Fewer than 3 seeds give an
+    unbounded interval (the row is then inconclusive)."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if d.ndim != 1 or d.size == 0:
+        raise ValueError(f"a and b must be 1-D and of one length > 0 (one value per seed), got {np.shape(a)} and {np.shape(b)}")
+    method = f"t over {d.size} seed{'s' * (d.size != 1)}"
+    if d.size < 3:
+        return Interval(float(d.mean()), -np.inf, np.inf, method + ", fewer than 3", level)
+    return _t_interval(float(d.mean()), float(d.std(ddof=1) / np.sqrt(d.size)), d.size - 1, method, level)
+
+def fit_exponent(x, y, *, level: float = LEVEL) -> Interval:
+    "The exponent p of y ~ c x^p: least squares of log y on log x over every point, with the slope's t-interval."
+    x, y = np.log(np.asarray(x, dtype=np.float64)), np.log(np.asarray(y, dtype=np.float64))
+    if x.shape != y.shape or x.ndim != 1 or x.size < 2 or not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ValueError("x and y must be 1-D, of one length >= 2, and positive")
+    xc = x - x.mean()
+    slope = float((xc * (y - y.mean())).sum() / (xc**2).sum())
+    resid = y - y.mean() - slope * xc
+    dof = x.size - 2
+    se = float(np.sqrt((resid**2).sum() / dof / (xc**2).sum())) if dof > 0 else np.inf
+    return _t_interval(slope, se, dof, f"log-log fit over {x.size} lengths", level)
+
+def decide(interval: Interval, margin: float = 0.0) -> str:
+    """The rule: holds if the whole interval lies above `-margin`, does not hold if it lies below, else
+    inconclusive. Orient the difference so that positive favours the claim."""
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    if interval.low > -margin:
+        return HOLDS
+    if interval.high < -margin:
+        return FAILS
+    return INCONCLUSIVE
