@@ -1,13 +1,16 @@
 """Build the tinylab book: execute every notebook in _toc.yml with Papermill, then render with Jupyter Book.
 
-    python book/build.py --scale book      # the book (minutes per chapter on a CPU)
-    python book/build.py --scale ci        # the same pipeline, small and fast (CI)
+    python book/build.py --scale book      # the book (minutes per chapter on a CPU): book/_build/html
+    python book/build.py --scale ci        # the same pipeline, small and fast (CI): book/_build/ci/html
 
 Executed copies go to book/_build/executed/<scale>/ with each chapter's results JSON beside them. A
-notebook is executed again only when its source, its parameters or the tinylab package changed (a
-manifest of hashes records what each copy was made from). The landing page (the toc's root) runs last,
-so it can sum up the chapters' results. The HTML is book/_build/html; the build fails unless every
-page of the toc is in it.
+notebook is executed again only when its own source, its parameters, the tinylab modules it imports
+(and theirs, transitively) or the recorded results in book/results/ changed: a manifest of hashes
+records what each copy was made from. The tests execute the notebooks at `ci` scale through the same
+function into the same folder, so the `ci` book build after them reuses their copies. The landing page
+(the toc's root) runs last, so it can sum up the chapters' results. Each scale's HTML has its own folder
+(the `book` scale's is the one the README names), MathJax is served from the build (no network needed to
+read the math), and the build fails unless every page of the toc is in the HTML.
 """
 from __future__ import annotations
 
@@ -45,30 +48,109 @@ def toc_entries(toc_path: Path = ROOT / "_toc.yml") -> list[str]:
     return entries
 
 
-def package_hash() -> str:
-    "A hash of the tinylab package source: a chapter's output depends on it as much as on its notebook."
+def html_dir(scale: str) -> Path:
+    "Where a scale's HTML goes: the book's own at book/_build/html, any other scale's beside it."
+    return BUILD / "html" if scale == "book" else BUILD / scale / "html"
+
+
+def module_file(name: str) -> Path | None:
+    "The source file of module `tinylab.<name>` (a dotted name), if there is one."
+    base = ROOT / "tinylab" / Path(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.exists():
+            return path
+    return None
+
+
+def imported_modules(source: str, package: str = "") -> set[str]:
+    """The tinylab modules (dotted names under tinylab) that `source` imports, directly. `package` is the
+    importing module's package, for relative imports inside tinylab."""
+    found = set()
+    for m in re.finditer(r"^[ \t]*from[ \t]+(\.+|tinylab\.?)([\w.]*)[ \t]+import[ \t]+\(?([\w, \t]+)"
+                         r"|^[ \t]*import[ \t]+tinylab\.([\w.]+)", source, re.M):
+        if m.group(4):
+            found.add(m.group(4))
+            continue
+        dots, rest, names = m.group(1), m.group(2), m.group(3)
+        if dots.startswith("."):  # relative: from .core / from ..core / from .kernels.cema
+            parts = package.split(".") if package else []
+            parts = parts[:len(parts) - (len(dots) - 1)] if len(dots) > 1 else parts
+            base = ".".join(p for p in parts + [rest] if p)
+        else:
+            base = rest
+        candidates = [base] if base else []
+        candidates += [f"{base}.{n.strip()}" if base else n.strip() for n in names.split(",") if n.strip()]
+        found.update(c for c in candidates if c and module_file(c))
+    return {f for f in found if module_file(f)}
+
+
+def dependency_hash(source: str) -> str:
+    """A hash of what an executed copy depends on besides its notebook: the tinylab modules the notebook
+    imports, the modules those import (transitively), and the recorded results in book/results/."""
+    todo, seen = list(imported_modules(source)), set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        path = module_file(name)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        todo.extend(imported_modules(path.read_text(), package))
     h = hashlib.sha256()
-    for path in sorted((ROOT / "tinylab").rglob("*.py")):
+    for path in sorted({module_file(n) for n in seen} | set((BOOK / "results").glob("*.json"))):
         h.update(path.relative_to(ROOT).as_posix().encode() + path.read_bytes())
     return h.hexdigest()
 
 
-def execute(entry: str, scale: str, seed: int, out_dir: Path, manifest: dict, pkg: str) -> bool:
-    "Execute one notebook with Papermill into `out_dir` unless an up-to-date copy is there; True if it ran."
+def execute(entry: str, scale: str, seed: int, out_dir: Path, manifest: dict) -> float | None:
+    """Execute one notebook with Papermill into `out_dir` unless an up-to-date copy is there. Returns the
+    seconds it took, or None when the copy was up to date."""
     src = ROOT / f"{entry}.ipynb"
     dst, results = out_dir / f"{entry}.ipynb", out_dir / "results" / f"{Path(entry).name}.json"
     params = {"scale": scale, "seed": seed, "results_path": str(results)}
-    key = hashlib.sha256(src.read_bytes() + json.dumps(params, sort_keys=True).encode() + pkg.encode()).hexdigest()
+    text = src.read_text()
+    code = "\n".join(c.source for c in nbformat.reads(text, as_version=4).cells if c.cell_type == "code")
+    key = hashlib.sha256(text.encode() + json.dumps(params, sort_keys=True).encode()
+                         + dependency_hash(code).encode()).hexdigest()
     if manifest.get(entry) == key and dst.exists() and results.exists():
-        print(f"  {entry}: up to date")
-        return False
+        return None
     dst.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     papermill.execute_notebook(str(src), str(dst), parameters=params, cwd=str(src.parent), progress_bar=False,
-                               kernel_name="python3")
+                               kernel_name="python3", log_output=False,
+                               extra_arguments=["--IPKernelApp.log_level=CRITICAL"])  # no "TCP without encryption" line
     manifest[entry] = key
-    print(f"  {entry}: executed in {time.perf_counter() - t0:.0f} s")
-    return True
+    return time.perf_counter() - t0
+
+
+def executed_dir(scale: str) -> Path:
+    "Where a scale's executed copies, their results JSON and their manifest go."
+    return BUILD / "executed" / scale
+
+
+def execute_entry(entry: str, scale: str, seed: int = 0) -> float | None:
+    "Execute one toc entry at `scale` into its scale's folder, recording it in the manifest there."
+    out_dir = executed_dir(scale)
+    manifest_path = out_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    seconds = execute(entry, scale, seed, out_dir, manifest)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path.write_text(json.dumps(manifest, indent=1))
+    return seconds
+
+
+def execution_order(entries: list[str]) -> list[str]:
+    "The chapters first, the root page last: it sums up the chapters' results."
+    return entries[1:] + entries[:1]
+
+
+def execute_all(entries: list[str], scale: str, seed: int = 0) -> dict[str, float | None]:
+    "Execute the toc's notebooks at `scale`; returns each entry's seconds (None: up to date)."
+    times = {}
+    for entry in execution_order(entries):
+        times[entry] = execute_entry(entry, scale, seed)
+        print(f"  {entry}: " + ("up to date" if times[entry] is None else f"executed in {times[entry]:.0f} s"), flush=True)
+    return times
 
 
 # warnings that say nothing to a reader of the static page (no widgets there, by design)
@@ -157,15 +239,23 @@ def for_reading(nb_path: Path) -> None:
     nbformat.write(nb, nb_path)
 
 
+def mathjax_dir() -> Path:
+    "MathJax 3's browser build, from the PyPI package django-static-mathjax (a dev dependency), served with the book."
+    import mathjax  # the package's import name; it holds only the static files
+    return Path(mathjax.__file__).parent / "static" / "mathjax" / "es5"
+
+
 def stage(entries: list[str], out_dir: Path, stage_dir: Path) -> None:
     "Lay out a Jupyter Book source folder: config, toc, bibliography and the executed notebooks."
     if stage_dir.exists():
         shutil.rmtree(stage_dir)
     stage_dir.mkdir(parents=True)
-    for name in ("_config.yml", "references.bib"):
+    for name in ("_config.yml", "references.bib", "tinylab_sphinx.py", "favicon.svg"):
         shutil.copy(BOOK / name, stage_dir / name)
     shutil.copytree(BOOK / "bib", stage_dir / "bib")
     shutil.copy(ROOT / "_toc.yml", stage_dir / "_toc.yml")
+    # not under _static/, which Jupyter Book would scan and load every .js file of into every page
+    shutil.copytree(mathjax_dir(), stage_dir / "mathjax_static" / "mathjax")
     for entry in entries:
         dst = stage_dir / f"{entry}.ipynb"
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -181,6 +271,15 @@ def check_html(entries: list[str], html: Path) -> None:
     print(f"book: all {len(entries)} pages of _toc.yml are in {html.relative_to(ROOT)}")
 
 
+def summary(times: dict[str, float | None]) -> str:
+    "One line per notebook: executed in how long, or up to date; and the total."
+    width = max(map(len, times))
+    lines = [f"  {e:<{width}}  " + ("up to date" if t is None else f"{t:6.0f} s") for e, t in times.items()]
+    total = sum(t for t in times.values() if t is not None)
+    ran = sum(t is not None for t in times.values())
+    return "\n".join(["notebooks:"] + lines + [f"  {ran} executed, {len(times) - ran} up to date, {total:.0f} s"])
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", default="book", choices=["ci", "book", "gpu"])
@@ -190,24 +289,23 @@ def main(argv=None) -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
     entries = toc_entries()
-    out_dir = BUILD / "executed" / args.scale
-    manifest_path = out_dir / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    pkg = package_hash()
-    print(f"executing {len(entries)} notebooks at scale={args.scale!r}")
+    print(f"executing {len(entries)} notebooks at scale={args.scale!r}", flush=True)
     t0 = time.perf_counter()
-    # the root page sums up the chapters, so it runs last
-    for entry in entries[1:] + entries[:1]:
-        execute(entry, args.scale, args.seed, out_dir, manifest, pkg)
-        manifest_path.write_text(json.dumps(manifest, indent=1))
-    print(f"notebooks done in {time.perf_counter() - t0:.0f} s")
+    times = execute_all(entries, args.scale, args.seed)
 
-    stage_dir = BUILD / "source"
-    stage(entries, out_dir, stage_dir)
+    stage_dir = BUILD / "source" / args.scale
+    stage(entries, executed_dir(args.scale), stage_dir)
+    html = html_dir(args.scale)
     jupyter_book = Path(sys.executable).parent / "jupyter-book"
-    subprocess.run([str(jupyter_book), "build", str(stage_dir), "--path-output", str(BOOK), "--builder", "html"],
-                   check=True)
-    check_html(entries, BUILD / "html")
+    subprocess.run([str(jupyter_book), "build", str(stage_dir), "--path-output", str(stage_dir), "--builder", "html",
+                    "--quiet"], check=True)
+    if html.exists():
+        shutil.rmtree(html)
+    html.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(stage_dir / "_build" / "html", html)
+    check_html(entries, html)
+    print(summary(times))
+    print(f"book built in {time.perf_counter() - t0:.0f} s: {(html / 'index.html').relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

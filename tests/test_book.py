@@ -6,7 +6,8 @@ import nbformat
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "book"))
-from build import display_math_as_blocks, final_stream_state, numbers_not_from_the_run, toc_entries  # noqa: E402
+from build import (display_math_as_blocks, execution_order, final_stream_state, html_dir, imported_modules,  # noqa: E402
+                   numbers_not_from_the_run, summary, toc_entries)
 
 
 def test_toc_lists_existing_notebooks_root_first():
@@ -46,3 +47,19 @@ def test_prose_numbers_must_come_from_the_run():
     assert numbers_not_from_the_run(nb) == ["95.7", "8"]
     nb.cells[1].outputs[0].text = "accuracy 95.7, 8 minutes\n"
     assert numbers_not_from_the_run(nb) == []
+
+
+def test_imported_modules_follow_absolute_and_relative_imports():
+    src = "import os\nfrom tinylab.core import ClaimTable, decide\nimport tinylab.lm\nfrom tinylab.kernels.cema import cema\n"
+    assert imported_modules(src) == {"core", "lm", "kernels.cema"}
+    assert imported_modules("from .cema import _check_sequence\nfrom ..core import seed_everything", "kernels") == \
+        {"kernels.cema", "core"}
+    assert imported_modules("from tinylab import core, lm") == {"core", "lm"}
+    assert imported_modules("from tinylab.nothing import x") == set()
+
+
+def test_each_scale_has_its_own_html_and_the_root_runs_last():
+    assert html_dir("book").name == "html" and html_dir("ci") != html_dir("book")
+    assert execution_order(["nbs/index", "nbs/a", "nbs/b"]) == ["nbs/a", "nbs/b", "nbs/index"]
+    text = summary({"nbs/a": 12.4, "nbs/index": None})
+    assert "nbs/a" in text and "12 s" in text and "up to date" in text and "1 executed, 1 up to date" in text

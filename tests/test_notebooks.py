@@ -1,24 +1,25 @@
-"""Every notebook in _toc.yml runs start to end at scale="ci" under Papermill and writes its results JSON."""
+"""Every notebook in _toc.yml runs start to end at scale="ci" under Papermill and writes its results JSON.
+
+The notebooks are executed by the book build's own function into its `ci` folder (book/_build/executed/ci),
+so the `ci` book build that follows the tests reuses these copies instead of running every notebook twice."""
 import json
 import sys
 from pathlib import Path
 
 import nbformat
-import papermill
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "book"))
-from build import numbers_not_from_the_run, toc_entries  # noqa: E402
+from build import execute_entry, executed_dir, execution_order, numbers_not_from_the_run, toc_entries  # noqa: E402
 
 
 @pytest.mark.notebook
-@pytest.mark.parametrize("entry", toc_entries())
-def test_notebook_runs_at_ci_scale(entry, tmp_path):
-    src = ROOT / f"{entry}.ipynb"
-    results = tmp_path / "results.json"
-    papermill.execute_notebook(str(src), str(tmp_path / src.name), cwd=str(src.parent), progress_bar=False,
-                               kernel_name="python3", parameters={"scale": "ci", "seed": 0, "results_path": str(results)})
+@pytest.mark.parametrize("entry", execution_order(toc_entries()))
+def test_notebook_runs_at_ci_scale(entry):
+    execute_entry(entry, "ci")
+    executed = executed_dir("ci") / f"{entry}.ipynb"
+    results = executed_dir("ci") / "results" / f"{Path(entry).name}.json"
     record = json.loads(results.read_text())
     assert record["scale"] == "ci"
     assert "claims" in record
@@ -27,8 +28,9 @@ def test_notebook_runs_at_ci_scale(entry, tmp_path):
         assert all(set(c) == {"claim", "paper", "ours", "outcome", "source"} for c in record["claims"])
         failed = [c["check"] for c in record["checks"] if not c["passed"]]
         assert not failed, f"{entry}: implementation checks failed: {failed}"
-    stale = numbers_not_from_the_run(nbformat.read(tmp_path / src.name, as_version=4))
+    stale = numbers_not_from_the_run(nbformat.read(executed, as_version=4))
     assert not stale, f"{entry}: numbers in prose that this run did not produce: {stale}"
+
 
 @pytest.mark.parametrize("entry", toc_entries())
 def test_notebook_has_parameters_cell(entry):
