@@ -221,10 +221,19 @@ def numbers_not_from_the_run(nb) -> list[str]:
 
 def for_reading(nb_path: Path) -> None:
     """Prepare the rendered copy: strip nbdev's directives (`#| hide` cells go, other `#|` lines are
-    dropped), reduce progress bars to their final state, and set display math apart for MyST."""
+    dropped), show the parameters the page was built with (Papermill's injected cell, without the builder's
+    absolute paths) in place of the defaults, reduce progress bars to their final state, and set display
+    math apart for MyST."""
     nb = nbformat.read(nb_path, as_version=4)
     cells = []
+    injected = any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells)
     for cell in nb.cells:
+        tags = cell.metadata.get("tags", [])
+        if injected and "parameters" in tags:
+            continue  # Papermill's injected cell below holds the values this page was built with
+        if "injected-parameters" in tags:
+            cell.source = "# the parameters this page was built with\n" + re.sub(
+                r'results_path = "[^"]*[\\/]([^"\\/]+)"', r'results_path = "results/\1"', cell.source)
         if cell.cell_type == "code":
             lines = cell.source.splitlines()
             if any(line.strip() in ("#| hide", "#|hide") for line in lines) or \

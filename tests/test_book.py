@@ -6,8 +6,8 @@ import nbformat
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "book"))
-from build import (display_math_as_blocks, execution_order, final_stream_state, html_dir, imported_modules,  # noqa: E402
-                   numbers_not_from_the_run, summary, toc_entries)
+from build import (display_math_as_blocks, execution_order, final_stream_state, for_reading, html_dir,  # noqa: E402
+                   imported_modules, numbers_not_from_the_run, summary, toc_entries)
 
 
 def test_toc_lists_existing_notebooks_root_first():
@@ -63,3 +63,15 @@ def test_each_scale_has_its_own_html_and_the_root_runs_last():
     assert execution_order(["nbs/index", "nbs/a", "nbs/b"]) == ["nbs/a", "nbs/b", "nbs/index"]
     text = summary({"nbs/a": 12.4, "nbs/index": None})
     assert "nbs/a" in text and "12 s" in text and "up to date" in text and "1 executed, 1 up to date" in text
+
+
+def test_rendered_page_shows_the_parameters_it_was_built_with(tmp_path):
+    params = nbformat.v4.new_code_cell('scale = "ci"\nresults_path = None', metadata={"tags": ["parameters"]})
+    injected = nbformat.v4.new_code_cell('scale = "book"\nresults_path = "/tmp/x/book/_build/executed/book/results/11_m.json"',
+                                         metadata={"tags": ["injected-parameters"]})
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[params, injected]), path)
+    for_reading(path)
+    cells = nbformat.read(path, as_version=4).cells
+    assert len(cells) == 1 and 'scale = "book"' in cells[0].source
+    assert 'results_path = "results/11_m.json"' in cells[0].source and "/tmp" not in cells[0].source
