@@ -1,5 +1,6 @@
 """`pip install tinylab` as a user takes it: the wheel and sdist build, and the wheel, installed on its own
 (no editable install, no repository on the path), imports every module."""
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -13,8 +14,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def dists(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist")
-    subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--sdist", "--wheel", "--outdir", str(out), str(ROOT)],
+    "The sdist and wheel, built from a copy of the project (a build writes build/ and *.egg-info beside its sources)."
+    src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("dist")
+    for name in ("setup.py", "pyproject.toml", "settings.ini", "README.md", "LICENSE", "MANIFEST.in", "constraints.txt"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("nbs", "tinylab"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints"))
+    subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--sdist", "--wheel", "--outdir", str(out), str(src)],
                    check=True, capture_output=True)
     return next(out.glob("*.whl")), next(out.glob("*.tar.gz"))
 
