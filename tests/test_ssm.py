@@ -4,8 +4,11 @@ import math
 import pytest
 import torch
 
-from tinylab.ssm import (S4D, MambaBlock, SSMLM, associative_recall, discretize, fft_conv, s4d_kernel,
-                         s4d_recurrent, selective_copying, ssm_recurrence)
+import numpy as np
+
+from tinylab.core import FAILS, HOLDS, INCONCLUSIVE, decide
+from tinylab.ssm import (S4D, MambaBlock, SSMLM, associative_recall, discretize, fft_conv, joint_outcome, reaches,
+                         s4d_kernel, s4d_recurrent, selective_copying, speedup_outcome, ssm_recurrence)
 
 F64 = torch.float64
 
@@ -128,3 +131,31 @@ def test_associative_recall_targets():
 def test_task_bad_sizes(fn, args, match):
     with pytest.raises(ValueError, match=match):
         fn(*args)
+
+
+# The claim table's own criteria (nbs/10_ssm.ipynb, "Claim table"): each can come out "does not hold".
+
+def test_reaches_fails_holds_and_straddles():
+    assert decide(reaches(np.full(300, 0.5), 0.9)) == FAILS                  # a model at 50% does not reach 90%
+    assert decide(reaches(np.ones(300), 0.9)) == HOLDS
+    coin = np.random.default_rng(0).permutation(np.r_[np.ones(27), np.zeros(3)])  # 90% of 30 examples
+    assert decide(reaches(coin, 0.9)) == INCONCLUSIVE
+
+
+def test_joint_outcome():
+    assert joint_outcome([HOLDS, FAILS]) == FAILS
+    assert joint_outcome([INCONCLUSIVE, FAILS]) == FAILS
+    assert joint_outcome([HOLDS, INCONCLUSIVE]) == INCONCLUSIVE
+    assert joint_outcome(iter([HOLDS, HOLDS])) == HOLDS
+    for bad in ([], ["yes"], [True]):
+        with pytest.raises(ValueError, match="outcomes"):
+            joint_outcome(bad)
+
+
+def test_speedup_outcome():
+    assert speedup_outcome([5.0, 8.0, 12.0], 20) == FAILS                  # slower than the paper's factor everywhere
+    assert speedup_outcome([25.0, 104.0], 20) == HOLDS
+    assert speedup_outcome([15.0, 30.0], 20) == INCONCLUSIVE
+    for bad in ([], [[20.0]], [float("nan")], [0.0]):
+        with pytest.raises(ValueError, match="speedups"):
+            speedup_outcome(bad, 20)
