@@ -182,3 +182,40 @@ def test_api_bad_options(kwargs, match):
 def test_block_sizes_both_or_neither():
     with pytest.raises(ValueError, match="block_t and block_d"):
         ss.selective_scan_triton(**KW, block_t=8)
+
+
+@pytest.mark.parametrize("name", ["A", "D", "h0", "C"])
+def test_public_api_takes_strided_views_of_every_argument(name):
+    "Every backend of `selective_scan` accepts non-contiguous A, D and h0 as it does u, delta, B, C (issue 23.8)."
+    strided = dict(A=KW["A"].t().contiguous().t(), D=torch.stack([KW["D"], KW["D"]], 1)[:, 0],
+                   h0=KW["h0"].transpose(1, 2).contiguous().transpose(1, 2),
+                   C=KW["C"].transpose(0, 1).contiguous().transpose(0, 1))[name]
+    assert not strided.is_contiguous()
+    want = ss.selective_scan_ref(**KW)[0]
+    for backend in ("ref", "chunked", "triton"):
+        assert_close(f"{backend} y", want, ss.selective_scan(**_bad(KW, **{name: strided}), backend=backend)[0], 1e-4)
+
+
+@pytest.mark.parametrize("block", [0, 3, -4, 2048, True])
+def test_block_sizes_are_checked(block):
+    "Block sizes Triton cannot tile with are refused before compiling, naming the argument (issue 23.9)."
+    with pytest.raises(ValueError, match="block_t must be a power of two"):
+        ss.selective_scan_triton(**KW, block_t=block, block_d=8)
+    with pytest.raises(ValueError, match="block_d must be a power of two"):
+        ss.selective_scan_triton(**KW, block_t=8, block_d=block)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU with room for a 3 x 2**30-element sequence")
+def test_one_sequence_past_int32_offsets():
+    "One sequence of 3 * 2**20 steps x 1024 channels: offsets inside it pass 2**31 (issue 23.11)."
+    T, D, N = 3 * 2**20, 1024, 1
+    g = torch.Generator(device="cuda").manual_seed(0)
+    u = torch.randn(1, T, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    delta = torch.full_like(u, 0.5)
+    A = -torch.ones(D, N, device="cuda")
+    B = torch.ones(1, T, N, device="cuda", dtype=torch.bfloat16)
+    y, _ = ss.selective_scan(u, delta, A, B, B, backend="triton")
+    # the end of the sequence against the reference run on its last 256 steps alone: the state decays by
+    # exp(-0.5) a step, so what came before them is below 1e-40 by the last 64
+    want, _ = ss.selective_scan_ref(u[:, T - 256:], delta[:, T - 256:], A, B[:, T - 256:], B[:, T - 256:])
+    torch.testing.assert_close(y[:, T - 64:].float(), want[:, -64:].float(), atol=2e-2, rtol=2e-2)

@@ -43,7 +43,7 @@ def selective_scan_fwd_kernel(U, DELTA, A, B, C, DSKIP, H0, Y, HT, T, DM, N,
         dskip = tl.load(DSKIP + offs_d, mask=mask_d, other=0.0).to(ACC)
     is_last = tl.arange(0, BLOCK_T) == BLOCK_T - 1
     for t0 in range(0, T, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
+        offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)  # int64: t * DM passes 2**31 in one long sequence
         mask_t = offs_t < T
         # u, delta: (BLOCK_T, BLOCK_D); B, C: (BLOCK_T, BLOCK_N); steps past T get delta = 0: decay 1, input 0
         x_off = pid_b * T * DM + offs_t[:, None] * DM + offs_d[None, :]
@@ -90,6 +90,10 @@ def selective_scan_triton(u, delta, A, B, C, D=None, h0=None, *, block_t: int | 
         raise ValueError(f"u is on {u.device}: the Triton scan needs CUDA tensors (or TRITON_INTERPRET=1 on a CPU)")
     if (block_t is None) != (block_d is None):
         raise ValueError("block_t and block_d: give both or neither")
+    for name, block in (("block_t", block_t), ("block_d", block_d)):
+        if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1
+                                  or block & (block - 1) or block > 1024):
+            raise ValueError(f"{name} must be a power of two from 1 to 1024 (Triton's blocks), got {block!r}")
     acc = _acc_dtype(u.dtype)
     y = torch.empty_like(u)
     hT = torch.empty(bsz, dm, n, device=u.device, dtype=acc)
@@ -308,5 +312,6 @@ def selective_scan(u, delta, A, B, C, D=None, h0=None, *, backend: str = "auto",
         if backend == "ref":
             return selective_scan_ref(u, delta, A, B, C, D, h0)
     if backend == "triton":  # projections and transposes give strided views; the kernel wants rows
-        u, delta, B, C = (x.contiguous() for x in (u, delta, B, C))
+        u, delta, A, B, C = (x.contiguous() for x in (u, delta, A, B, C))
+        D, h0 = (None if x is None else x.contiguous() for x in (D, h0))
     return SelectiveScanFn.apply(u, delta, A, B, C, D, h0, backend, chunk)
