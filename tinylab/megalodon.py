@@ -21,7 +21,7 @@ from .kernels.timestep_norm import timestep_norm, timestep_norm_ref
 __all__ = ['ComplexEMA', 'TimestepNorm', 'rotary', 'chunk_attention', 'MegalodonConfig', 'LayerState', 'MegalodonAttention',
            'MegalodonBlock', 'MegalodonForCausalLM']
 
-# %% ../nbs/11_megalodon.ipynb #cell-036
+# %% ../nbs/11_megalodon.ipynb #cell-025
 class ComplexEMA(nn.Module):
     "CEMA over the channels of (B, T, D) inputs, N complex dimensions each (chapter 11, equation above)."
     def __init__(self, d_model: int, ndim: int = 16):
@@ -77,7 +77,7 @@ class TimestepNorm(nn.Module):
                                   *(state if state is not None else (None, None, None)), eps=self.eps, backend=backend)
         return y, tuple(state)
 
-# %% ../nbs/11_megalodon.ipynb #cell-039
+# %% ../nbs/11_megalodon.ipynb #cell-028
 def rotary(x: torch.Tensor, pos: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
     "Rotary position embedding of x (..., T, d) at integer positions pos (T,), rotating halves."
     d = x.shape[-1]
@@ -103,7 +103,7 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: in
     out = F.scaled_dot_product_attention(q, k, split(v), is_causal=True, scale=1.0)
     return out.reshape(B, H, nc * c, -1)[:, :, :T]
 
-# %% ../nbs/11_megalodon.ipynb #cell-043
+# %% ../nbs/11_megalodon.ipynb #cell-032
 class MegalodonConfig(PretrainedConfig):
     "Sizes of a small Megalodon LM; defaults follow the official code's ratios (z = D/2, v = 2D here)."
     model_type = "tinylab_megalodon"
