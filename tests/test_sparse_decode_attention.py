@@ -1,5 +1,6 @@
-"""The TriForce chapter's kernel (nbs/21_triforce.ipynb): decode attention over selected KV chunks read in place,
-Triton (the interpreter on a CPU) against the PyTorch reference, and its input checks."""
+"""The TriForce chapter's kernel (nbs/21a_sparse_decode_attention.ipynb, used by nbs/21_triforce.ipynb): decode
+attention over selected KV chunks read in place, Triton (the interpreter on a CPU) against the PyTorch reference,
+and its input checks."""
 import pytest
 import torch
 

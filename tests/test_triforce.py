@@ -3,10 +3,11 @@ on small random Llamas (greedy identical to the target's, sampled distribution e
 import pytest
 import torch
 
+from tinylab.core import FAILS, HOLDS, INCONCLUSIVE
 from tinylab.lm import build_model, tiny_config
 from tinylab.triforce import (ChunkSelection, DecodeStats, FlatKVCache, TriForceConfig, autoregressive_generate,
-                              chunk_scores, retrieval_selection, speculative_accept, streaming_selection, to_probs,
-                              triforce_generate)
+                              chunk_scores, distribution_outcome, lossless_outcome, retrieval_selection,
+                              speculative_accept, streaming_selection, to_probs, triforce_generate)
 
 V = 48
 
@@ -93,6 +94,46 @@ def test_wrong_residual_is_detected():
         ok = torch.rand(1, generator=g).item() < min(1.0, (p[x] / q[x]).item())
         counts[x if ok else int(torch.multinomial(p, 1, generator=g))] += 1
     assert chi_square_pvalue(counts, p) < 1e-6
+
+
+# ---------------------------------------------------------------- the claim table's own criteria
+def test_lossless_outcome():
+    "Greedy losslessness: one differing run is a counterexample."
+    assert lossless_outcome(5, 5) == HOLDS
+    assert lossless_outcome(4, 5) == FAILS
+    assert lossless_outcome(0, 1) == FAILS
+    for bad in ((6, 5), (-1, 5), (0, 0)):
+        with pytest.raises(ValueError):
+            lossless_outcome(*bad)
+
+
+def _wrong_sampler_pvalue(n, seed):
+    "Chi-square p-value of n draws of the resample-from-p slip (as in test_wrong_residual_is_detected)."
+    g = torch.Generator().manual_seed(seed)
+    q, p = torch.tensor([0.7, 0.1, 0.1, 0.1]), torch.tensor([0.1, 0.3, 0.3, 0.3])
+    counts = torch.zeros(4)
+    for _ in range(n):
+        x = int(torch.multinomial(q, 1, generator=g))
+        ok = torch.rand(1, generator=g).item() < min(1.0, (p[x] / q[x]).item())
+        counts[x if ok else int(torch.multinomial(p, 1, generator=g))] += 1
+    return chi_square_pvalue(counts, p)
+
+
+def test_distribution_outcome():
+    "Sampled losslessness: a rejecting test says no; a test that cannot see a wrong sampler says inconclusive."
+    assert distribution_outcome([0.4, 0.7], control_pvalue=1e-8) == HOLDS
+    assert distribution_outcome([0.4, 0.004], control_pvalue=1e-8) == FAILS      # 0.004 < 0.01 / 2 (Bonferroni)
+    assert distribution_outcome([0.4, 0.006], control_pvalue=1e-8) == HOLDS      # one test of two: not a rejection
+    assert distribution_outcome([0.4, 0.7], control_pvalue=0.3) == INCONCLUSIVE  # no power
+    # the adverse case for real: a wrong sampler's own output, tested, does not hold
+    wrong = _wrong_sampler_pvalue(2000, seed=1)
+    assert distribution_outcome([wrong], control_pvalue=_wrong_sampler_pvalue(2000, seed=2)) == FAILS
+    # and with very few samples the control is not rejected: inconclusive, not "holds"
+    assert distribution_outcome([0.5], control_pvalue=_wrong_sampler_pvalue(5, seed=3)) == INCONCLUSIVE
+    with pytest.raises(ValueError):
+        distribution_outcome([], control_pvalue=0.5)
+    with pytest.raises(ValueError):
+        distribution_outcome([1.5], control_pvalue=0.5)
 
 
 # ---------------------------------------------------------------- caches and selections

@@ -13,12 +13,13 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.cache_utils import Cache
 
+from .core import FAILS, HOLDS, INCONCLUSIVE
 from .kernels.sparse_decode_attention import sparse_decode_attention
 
 # %% auto #0
 __all__ = ['to_probs', 'speculative_accept', 'FlatKVCache', 'ChunkSelection', 'streaming_selection', 'chunk_scores',
            'retrieval_selection', 'triforce_attention', 'TriForceConfig', 'DecodeStats', 'autoregressive_generate',
-           'triforce_generate']
+           'triforce_generate', 'lossless_outcome', 'distribution_outcome']
 
 # %% ../nbs/21_triforce.ipynb #cell-010
 def to_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -368,3 +369,25 @@ def triforce_generate(target, draft, input_ids, max_new_tokens: int, cfg: TriFor
     seq = seq[:n_prompt + max_new_tokens]
     stats.new_tokens, stats.seconds = len(seq) - n_prompt, _now(target) - t_start
     return torch.tensor(seq), stats
+
+# %% ../nbs/21_triforce.ipynb #cell-059c
+def lossless_outcome(n_identical: int, n_runs: int) -> str:
+    "Greedy losslessness over `n_runs` runs: holds if every output equals the target's, does not hold if one differs."
+    if isinstance(n_runs, bool) or not isinstance(n_runs, int) or n_runs < 1:
+        raise ValueError(f"n_runs must be a positive int, got {n_runs!r}")
+    if not 0 <= n_identical <= n_runs:
+        raise ValueError(f"n_identical must be in [0, n_runs={n_runs}], got {n_identical!r}")
+    return HOLDS if n_identical == n_runs else FAILS
+
+
+def distribution_outcome(pvalues, control_pvalue: float, alpha: float = 0.01) -> str:
+    """Sampled losslessness from goodness-of-fit tests of the output against the target's exact distributions:
+    does not hold if a test rejects at `alpha` (Bonferroni over the tests); else holds if the same test, with as
+    many samples, rejects a deliberately wrong sampler (`control_pvalue < alpha`: it had the power to see one),
+    and is inconclusive if it cannot."""
+    pvalues = [float(p) for p in pvalues]
+    if not pvalues or not all(0 <= p <= 1 for p in pvalues + [control_pvalue]) or not 0 < alpha < 1:
+        raise ValueError(f"p-values must be in [0, 1] (at least one) and alpha in (0, 1), got {pvalues}, {control_pvalue}, {alpha}")
+    if min(pvalues) < alpha / len(pvalues):
+        return FAILS
+    return HOLDS if control_pvalue < alpha else INCONCLUSIVE
