@@ -116,3 +116,43 @@ def test_device_mismatch():
     x, p, q, g, h0 = make(1, 5, 4, 3)
     with pytest.raises(ValueError, match="device"):
         cema(x.cuda(), p, q, g)
+
+
+@pytest.mark.parametrize("backend", ["ref", "fft", "triton"])
+def test_a_zero_decay_entry_is_finite(backend):
+    "A q entry of exactly 0 (forget at once) gives the recurrence's finite answer (issue 23.5: the FFT path gave NaN)."
+    x, p, q, gamma, h0 = make(1, 7, 3, 2)
+    q = q.clone()
+    q[1, 0] = 0
+    want = cema_ref(x.double(), p.double(), q.to(torch.complex128), gamma.to(torch.complex128), h0.to(torch.complex128))
+    y, hT = cema(x, p, q, gamma, h0, backend=backend)
+    assert torch.isfinite(y).all()
+    assert_close("y", want[0], y, 1e-5)
+
+
+@pytest.mark.parametrize("backend", ["ref", "fft", "triton"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_does_not_reach_the_past(backend, bad):
+    "A NaN or inf in x at time t leaves every earlier output finite on every backend, as the recurrence does (23.5)."
+    x, p, q, gamma, _ = make(1, 9, 3, 2)
+    x = x.clone()
+    x[0, 5, 1] = bad
+    y, _ = cema(x, p, q, gamma, backend=backend)
+    assert torch.isfinite(y[:, :5]).all()
+
+
+@pytest.mark.parametrize("backend", ["ref", "fft", "triton"])
+@pytest.mark.parametrize("B,T,D", [(0, 5, 3), (2, 0, 3), (2, 5, 0)])
+def test_empty_inputs_give_the_same_empty_answer(backend, B, T, D):
+    "B, T or D = 0: an empty y and h_T = h0 (or zeros) on every backend (issue 23.7: MKL, ZeroDivision, Triton errors)."
+    x, p, q, gamma, h0 = make(max(B, 1), max(T, 1), max(D, 1), 2)
+    x, p, q, gamma, h0 = x[:B, :T, :D], p[:D], q[:D], gamma[:D], h0[:B, :D]
+    y, hT = cema(x, p, q, gamma, h0, backend=backend)
+    assert y.shape == (B, T, D) and hT.shape == (B, D, 2)
+    assert torch.equal(hT, h0.to(hT.dtype)) if T == 0 else hT.numel() == 0
+
+
+def test_no_ema_dimensions_is_a_clear_error():
+    x, p, q, gamma, _ = make(1, 4, 3, 2)
+    with pytest.raises(ValueError, match="N = 0"):
+        cema(x, p[:, :0], q[:, :0], gamma[:, :0])

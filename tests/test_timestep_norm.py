@@ -93,3 +93,34 @@ def test_bad_inputs(kw, exc, match):
     args.update(kw)
     with pytest.raises(exc, match=match):
         timestep_norm(**args)
+
+
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+@pytest.mark.parametrize("offset", [1e2, 1e3, 1e4])
+def test_large_mean_small_spread(backend, offset):
+    "|mean| >> std: every path normalises like float64 does (issue 23.4: the fp32 cumulative sums lost it all at 1e4)."
+    x = torch.randn(1, 64, 8, generator=torch.Generator().manual_seed(0)) + offset
+    w, b = torch.ones(8), torch.zeros(8)
+    want = timestep_norm_ref(x.double(), 2, w.double(), b.double())[0]
+    y = timestep_norm(x, 2, w, b, backend=backend)[0]
+    assert y.abs().max() < 5  # was ~1062 at offset 1e4
+    torch.testing.assert_close(y.double(), want, atol=2e-3 * (1 + offset / 1e3), rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+@pytest.mark.parametrize("shape", [(0, 5, 4), (2, 0, 4)])
+def test_empty_inputs_give_empty_results_on_every_backend(backend, shape):
+    "B = 0 or T = 0: an empty y and the state passed through, the same on both backends (issue 23.7)."
+    y, count, mean, var = timestep_norm(torch.randn(*shape), 2, torch.ones(4), torch.zeros(4), backend=backend)
+    assert y.shape == shape and count.shape == (shape[0],) and mean.shape == var.shape == (shape[0], 2)
+
+
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+def test_no_features_and_missing_weight_are_clear_errors(backend):
+    "D = 0 and weight/bias None raise errors that name the problem, on every backend (issue 23.7)."
+    with pytest.raises(ValueError, match="at least one feature"):
+        timestep_norm(torch.randn(1, 3, 0), 1, torch.ones(0), torch.zeros(0), backend=backend)
+    for name in ("weight", "bias"):
+        args = {**dict(weight=torch.ones(4), bias=torch.zeros(4)), name: None}
+        with pytest.raises(TypeError, match=f"{name} must be a torch.Tensor"):
+            timestep_norm(torch.randn(1, 3, 4), 2, backend=backend, **args)

@@ -51,9 +51,11 @@ def random_cema_params(D: int, N: int, dtype: torch.dtype = torch.float32, seed:
 
 # %% ../../nbs/11a_cema.ipynb #cell-014
 def _powers(q: torch.Tensor, T: int, start: int = 0) -> torch.Tensor:
-    "q**j for j = start .. start+T-1, as (D, N, T), via exp(j * log q)."
+    "q**j for j = start .. start+T-1, as (D, N, T), via exp(j * log q); a q of 0 gives 1, 0, 0, ... (log 0 would be NaN)."
     j = torch.arange(start, start + T, device=q.device, dtype=q.real.dtype)
-    return torch.exp(torch.log(q)[..., None] * j)
+    zero = (q == 0)[..., None]
+    powers = torch.exp(torch.log(torch.where(zero[..., 0], 1, q))[..., None] * j)
+    return torch.where(zero, (j == 0).to(powers.dtype), powers)
 
 def cema_kernel(p: torch.Tensor, q: torch.Tensor, gamma: torch.Tensor, T: int) -> torch.Tensor:
     "The EMA kernel k[d, j] = Re(sum_n gamma * p * q**j), shape (D, T)."
@@ -318,6 +320,8 @@ def _check_cema_args(x, p, q, gamma, h0):
     if p.ndim != 2 or p.shape[0] != D:
         raise ValueError(f"p must be (D, N) = ({D}, N), got shape {tuple(p.shape)}")
     N = p.shape[1]
+    if N == 0:
+        raise ValueError("p, q, gamma: N = 0 EMA dimensions; CEMA needs at least one (D, N) with N >= 1")
     if p.is_complex() or not p.is_floating_point():
         raise TypeError(f"p must be a real floating tensor, got {p.dtype}")
     for name, t in (("q", q), ("gamma", gamma)):
@@ -339,16 +343,24 @@ def cema(x: torch.Tensor, p: torch.Tensor, q: torch.Tensor, gamma: torch.Tensor,
     complex; h0: (B, D, N) complex or None (zeros). y has x's dtype, h_T is complex64 (complex128 for
     float64 x); accumulation is in fp32 (fp64). backend: "auto" (Triton on CUDA, else "fft"),
     "triton" (on a CPU: Triton's interpreter, needs TRITON_INTERPRET=1), "fft" or "ref". need_state=False
-    lets the FFT form skip computing h_T (returned as None); the other backends get it for free."""
+    lets the FFT form skip computing h_T (returned as None); the other backends get it for free.
+    Every backend gives the same answer on empty inputs (B, T or D = 0: an empty y and h_T = h0, or zeros), and
+    a NaN or inf in x at time t reaches no earlier output (the FFT form mixes all times, so on such x the "fft"
+    backend computes the recurrence instead)."""
     _check_cema_args(x, p, q, gamma, h0)
+    B, T, D = x.shape
+    if 0 in (B, T, D):  # nothing to scan: the same empty answer on every backend
+        cplx = _acc_dtypes(x)[1]
+        hT = torch.zeros(B, D, p.shape[1], dtype=cplx, device=x.device) if h0 is None else h0.to(cplx)
+        return x.new_zeros(B, T, D), hT
     if backend == "auto":
         backend = "triton" if x.is_cuda else "fft"
     if backend == "ref":
         return cema_ref(x, p, q, gamma, h0)
     if backend == "fft":
+        if not torch.isfinite(x).all():  # keep non-finite values causal, as the recurrence does
+            return cema_ref(x, p, q, gamma, h0)
         return cema_fft(x, p, q, gamma, h0, need_state)
     if backend != "triton":
         raise ValueError(f"backend must be 'auto', 'triton', 'fft' or 'ref', got {backend!r}")
-    if x.shape[1] == 0:
-        raise ValueError("x: the sequence is empty (T = 0)")
     return CEMAFunction.apply(x.contiguous(), p, q, gamma, h0)

@@ -18,7 +18,8 @@ __all__ = ['timestep_norm_ref', 'timestep_norm_fwd_kernel', 'TimestepNormFunctio
 def timestep_norm_ref(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor,
                       prev_count: torch.Tensor | None = None, prev_mean: torch.Tensor | None = None,
                       prev_var: torch.Tensor | None = None, eps: float = 1e-5):
-    """Timestep (cumulative group) normalisation by cumulative sums.
+    """Timestep (cumulative group) normalisation by cumulative sums, taken about each group's first step so that
+    E[x^2] - E[x]^2 keeps its precision when the mean is far larger than the spread.
 
     x: (B, T, D); weight, bias: (D,) (the scale is `weight` itself); prev_count: (B,) int64 steps seen
     before (default 0); prev_mean, prev_var: (B, G) (default 0, 1). Returns y (B, T, D) in x's dtype and
@@ -31,12 +32,16 @@ def timestep_norm_ref(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bi
     m0 = torch.zeros(B, G, device=x.device, dtype=acc) if prev_mean is None else prev_mean.to(acc)
     v0 = torch.ones(B, G, device=x.device, dtype=acc) if prev_var is None else prev_var.to(acc)
     c0f = c0.to(acc)[:, None, None]                                          # (B, 1, 1)
-    # counts, and cumulative first and second moments, each step weighing K elements
+    # shift by the first step's group mean: moments about a value near the data lose no digits to cancellation
+    shift = xg[:, :1].mean(-1) if T else m0[:, None]                         # (B, 1, G)
+    xs, m0s = xg - shift[..., None], m0[:, None] - shift
+    # counts, and cumulative first and second moments about the shift, each step weighing K elements
     n = c0f + torch.arange(1, T + 1, device=x.device, dtype=acc)[None, :, None]   # (B, T, 1)
-    s1 = c0f * m0[:, None] + torch.cumsum(xg.mean(-1), 1)                   # (B, T, G)
-    s2 = c0f * (v0 + m0 ** 2)[:, None] + torch.cumsum((xg ** 2).mean(-1), 1)
-    mean = s1 / n
-    var = (s2 / n - mean ** 2).clamp_min(0)
+    s1 = c0f * m0s + torch.cumsum(xs.mean(-1), 1)                            # (B, T, G)
+    s2 = c0f * (v0[:, None] + m0s ** 2) + torch.cumsum((xs ** 2).mean(-1), 1)
+    mean_s = s1 / n
+    var = (s2 / n - mean_s ** 2).clamp_min(0)
+    mean = mean_s + shift
     y = (xg - mean[..., None]) * torch.rsqrt(var[..., None] + eps)
     y = y.reshape(B, T, D) * weight.to(acc) + bias.to(acc)
     if T == 0:
@@ -174,8 +179,12 @@ def timestep_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: 
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or D % num_groups:
         raise ValueError(f"num_groups must be a positive int dividing D = {D}, got {num_groups!r}")
     G = num_groups
+    if D == 0:
+        raise ValueError(f"x must have at least one feature, got shape {tuple(x.shape)}")
     for name, t, shape in (("weight", weight, (D,)), ("bias", bias, (D,)), ("prev_count", prev_count, (B,)),
                            ("prev_mean", prev_mean, (B, G)), ("prev_var", prev_var, (B, G))):
+        if t is None and name in ("weight", "bias"):
+            raise TypeError(f"{name} must be a torch.Tensor of shape {shape}, got None")
         if t is None:
             continue
         if not isinstance(t, torch.Tensor):
@@ -188,12 +197,10 @@ def timestep_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: 
         raise TypeError(f"prev_count must be int64, got {prev_count.dtype}")
     if backend == "auto":
         backend = "triton" if x.is_cuda else "ref"
-    if backend == "ref":
-        return timestep_norm_ref(x, G, weight, bias, prev_count, prev_mean, prev_var, eps)
-    if backend != "triton":
+    if backend not in ("triton", "ref"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'ref', got {backend!r}")
-    if T == 0:
-        raise ValueError("x: the sequence is empty (T = 0)")
+    if backend == "ref" or B == 0 or T == 0:  # empty inputs: the same (empty) answer on every backend
+        return timestep_norm_ref(x, G, weight, bias, prev_count, prev_mean, prev_var, eps)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     prev_count = torch.zeros(B, dtype=torch.int64, device=x.device) if prev_count is None else prev_count
     prev_mean = torch.zeros(B, G, dtype=acc, device=x.device) if prev_mean is None else prev_mean
