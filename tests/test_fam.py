@@ -248,3 +248,49 @@ def test_training_helpers_smoke(llama):
     assert train_recall(m, task, "fam", steps=3, lr=1e-2, batch=4, seq_len=24, max_seconds=0.0) == []
     acc = accuracy_by_distance(m, task, "fam", 3, [2, 10], n=4, seq_len=24)
     assert len(acc) == 2 and all(0 <= a <= 1 for a in acc)
+
+
+# ---------------------------------------------------------------- the claim table's criteria
+
+def test_state_growth_separates_bounded_from_growing():
+    from tinylab.fam import state_growth
+    lengths = [32, 64, 128, 256]
+    assert state_growth(lengths, [8448] * 4) == 0.0                       # a bounded state passes
+    assert state_growth(lengths, [512 * n for n in lengths]) == pytest.approx(512.0)  # a KV cache fails
+    assert state_growth(lengths, [100, 100, 100, 101]) > 0                  # even one growing step fails
+    for bad in (([32], [1]), ([32, 32], [1, 2]), ([32, 64], [1, 2, 3]), ([[32, 64]], [[1, 2]])):
+        with pytest.raises(ValueError, match="lengths and nbytes"):
+            state_growth(*bad)
+
+
+@torch.no_grad()
+def test_streaming_state_has_zero_growth(llama):
+    from tinylab.fam import state_growth
+    m = FAMLlama(llama, block_size=4, memory_blocks=1, fam_len=2)
+    ids = torch.randint(0, 40, (1, 64), generator=torch.Generator().manual_seed(5))
+    for mode in ("bswa", "fam"):
+        cache, sizes = m.init_cache(1, mode), []
+        for t in range(ids.shape[1]):
+            m.step(cache, ids[:, t:t + 1])
+            sizes.append(cache.nbytes())
+        lengths = [8, 16, 32, 64]  # whole blocks, after the window (2 blocks of 4) is full
+        assert state_growth(lengths, [sizes[n - 1] for n in lengths]) == 0.0
+        assert state_growth(range(1, 9), sizes[:8]) > 0  # while the window fills, the state does grow
+
+
+def test_accuracy_by_distance_per_item_pairs_the_questions():
+    from tinylab.fam import accuracy_by_distance
+    task = RecallTask()
+    cfg = tiny_config("llama", vocab_size=task.vocab_size, d_model=16, n_layers=1, n_heads=2, block_size=24)
+    a = FAMLlama(build_model(cfg, seed=0), block_size=4, memory_blocks=1, fam_len=2)
+    b = FAMLlama(build_model(cfg, seed=1), block_size=4, memory_blocks=1, fam_len=2)
+    means = accuracy_by_distance(a, task, "fam", 1, [2, 10], n=6, seq_len=24, seed=3)
+    items = accuracy_by_distance(a, task, "fam", 1, [2, 10], n=6, seq_len=24, seed=3, per_item=True)
+    assert [len(x) for x in items] == [6, 6] and all(v in (0.0, 1.0) for x in items for v in x)
+    assert means == pytest.approx([sum(x) / 6 for x in items])
+    # the same arguments give the same questions, whatever the model: the per-item scores can be paired
+    gen = torch.Generator().manual_seed(3 + 1000)
+    q1 = task.batch(6, 24, distance=2, n_pairs=1, generator=gen)
+    gen = torch.Generator().manual_seed(3 + 1000)
+    assert torch.equal(q1[0], task.batch(6, 24, distance=2, n_pairs=1, generator=gen)[0])
+    assert len(accuracy_by_distance(b, task, "bswa", 1, [2, 10], n=6, seq_len=24, seed=3, per_item=True)[0]) == 6

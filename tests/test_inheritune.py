@@ -119,3 +119,32 @@ def test_inherit_model_without_findable_layer_list():
     model.config.num_hidden_layers = 7  # no ModuleList of 7 blocks exists
     with pytest.raises(ValueError, match="cannot find its layer list"):
         inherit(model, 1)
+
+
+# ---------------------------------------------------------------- the claim table's own yardstick
+
+def test_gap_closed_decides_both_ways():
+    import numpy as np
+    from tinylab.core import FAILS, HOLDS, decide
+    from tinylab.inheritune import gap_closed
+    rng = np.random.default_rng(0)
+    scratch = 5.0 + 0.3 * rng.standard_normal(200)      # per-sequence losses on the same sequences
+    reference = scratch - 1.0 + 0.05 * rng.standard_normal(200)
+    barely = scratch - 0.1 + 0.05 * rng.standard_normal(200)  # closes about 10% of the gap: adverse case
+    assert decide(gap_closed(barely, scratch, reference)) == FAILS
+    nearly = reference + 0.1 + 0.05 * rng.standard_normal(200)  # closes about 90%
+    assert decide(gap_closed(nearly, scratch, reference)) == HOLDS
+    assert gap_closed(nearly, scratch, reference).estimate == pytest.approx(np.mean((scratch - nearly) - 0.5 * (scratch - reference)))
+
+
+@pytest.mark.parametrize("args,kwargs,match", [
+    (([1.0, 2.0], [1.0], [1.0, 2.0]), {}, "same sequences"),
+    (([[1.0]], [[1.0]], [[1.0]]), {}, "same sequences"),
+    (([], [], []), {}, "same sequences"),
+    (([1.0], [2.0], [0.5]), {"fraction": 0.0}, "fraction"),
+    (([1.0], [2.0], [0.5]), {"fraction": 1.5}, "fraction"),
+])
+def test_gap_closed_bad_inputs(args, kwargs, match):
+    from tinylab.inheritune import gap_closed
+    with pytest.raises(ValueError, match=match):
+        gap_closed(*args, **kwargs)

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['fam_attention_ref', 'bswa_mask', 'fam_attention', 'bswa_attention_function', 'use_bswa', 'FAMCache', 'FAMLlama',
-           'RecallTask', 'train_recall', 'accuracy_by_distance', 'with_lora']
+           'state_growth', 'RecallTask', 'train_recall', 'accuracy_by_distance', 'with_lora']
 
 # %% ../nbs/12_fam.ipynb #cell-004
 import copy
@@ -377,6 +377,19 @@ class FAMLlama(nn.Module):
             ids = torch.cat([ids, nxt], 1)
         return ids
 
+# %% ../nbs/12_fam.ipynb #cell-025b
+def state_growth(lengths, nbytes) -> float:
+    """Least-squares slope of a state's size against the number of tokens consumed, in bytes per token:
+    0 for a bounded state, positive for a cache that grows with the sequence. `lengths` and `nbytes` are
+    1-D, of one length >= 2, with at least two distinct lengths."""
+    x = torch.as_tensor(lengths, dtype=torch.float64)
+    y = torch.as_tensor(nbytes, dtype=torch.float64)
+    if x.ndim != 1 or x.shape != y.shape or x.numel() < 2 or x.unique().numel() < 2:
+        raise ValueError(f"lengths and nbytes must be 1-D, of one length >= 2, with two distinct lengths; "
+                         f"got {tuple(x.shape)} and {tuple(y.shape)}")
+    xc = x - x.mean()
+    return float((xc * (y - y.mean())).sum() / (xc ** 2).sum())
+
 # %% ../nbs/12_fam.ipynb #cell-034
 @dataclass
 class RecallTask:
@@ -459,14 +472,18 @@ def train_recall(fam_model: FAMLlama, task: RecallTask, mode: str, steps: int, l
 
 @torch.no_grad()
 def accuracy_by_distance(fam_model: FAMLlama, task: RecallTask, mode: str, n_pairs: int, distances, n: int,
-                         seq_len: int, seed: int = 1) -> list:
-    "Answer accuracy (argmax over the whole vocabulary) at each distance, on `n` held-out sequences each."
+                         seq_len: int, seed: int = 1, per_item: bool = False) -> list:
+    """Answer accuracy (argmax over the whole vocabulary) at each distance, on `n` held-out sequences each.
+    The sequences depend only on `seed`, `n_pairs` and the sizes, so two models evaluated with the same
+    arguments answer the same questions. `per_item=True` returns, per distance, the list of `n` scores
+    (1.0 right, 0.0 wrong) instead of their mean, for paired comparisons."""
     gen, acc, dev = torch.Generator().manual_seed(seed + 1000 * n_pairs), [], fam_model.fam_prompt.device
     fam_model.eval()
     for d in distances:
         ids, ans = task.batch(n, seq_len, distance=d, n_pairs=n_pairs, generator=gen)
         pred = fam_model(ids.to(dev), mode=mode)[:, -2].argmax(-1).cpu()
-        acc.append((pred == ans).float().mean().item())
+        right = (pred == ans).float()
+        acc.append(right.tolist() if per_item else right.mean().item())
     return acc
 
 def with_lora(model: PreTrainedModel, rank: int, seed: int = 0):

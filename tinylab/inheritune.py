@@ -13,7 +13,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 # %% auto #0
-__all__ = ['find_layer_list', 'inherit']
+__all__ = ['find_layer_list', 'inherit', 'gap_closed']
 
 # %% ../nbs/20_inheritune.ipynb #cell-009
 def find_layer_list(model: PreTrainedModel) -> tuple[str, nn.ModuleList]:
@@ -76,3 +76,19 @@ def inherit(model: PreTrainedModel, layers: int | Sequence[int]) -> PreTrainedMo
     child.load_state_dict(state, strict=True)
     param = next(model.parameters())
     return child.to(device=param.device, dtype=param.dtype).train(model.training)
+
+# %% ../nbs/20_inheritune.ipynb #cell-030b
+def gap_closed(inherited, scratch, reference, fraction: float = 0.5, **bootstrap):
+    """Paired-bootstrap interval (`tinylab.core.paired_bootstrap`) of
+    mean((scratch - inherited) - fraction * (scratch - reference)) over per-sequence losses of the three models on
+    the same sequences: above 0 when the inherited model closes more than `fraction` of the gap between scratch
+    and the reference (`decide` -> holds), below 0 when it closes less."""
+    import numpy as np
+    from tinylab.core import paired_bootstrap
+    a, b, c = (np.asarray(x, dtype=np.float64) for x in (inherited, scratch, reference))
+    if not (a.ndim == b.ndim == c.ndim == 1 and a.shape == b.shape == c.shape and a.size > 0):
+        raise ValueError(f"inherited, scratch and reference must be 1-D losses of the same sequences, got shapes "
+                         f"{a.shape}, {b.shape}, {c.shape}")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    return paired_bootstrap(b - a, fraction * (b - c), **bootstrap)
