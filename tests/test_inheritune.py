@@ -148,3 +148,31 @@ def test_gap_closed_bad_inputs(args, kwargs, match):
     from tinylab.inheritune import gap_closed
     with pytest.raises(ValueError, match=match):
         gap_closed(*args, **kwargs)
+
+
+def test_whole_model_lists_as_long_as_the_depth_are_kept():
+    "eos_token_id = [5, 6] in a two-block model is not a per-layer list: inheriting one block keeps both ids (23.2)."
+    cfg = tiny_config("llama", vocab_size=50, d_model=16, n_layers=2, n_heads=2, block_size=16)
+    cfg.eos_token_id = [5, 6]
+    child = inherit(build_model(cfg, seed=0), 1)
+    assert child.config.eos_token_id == [5, 6]
+
+
+def test_generation_defaults_come_along():
+    "The parent's generation_config (hub models keep eos ids and sampling defaults there) is the child's (23.3)."
+    parent = build_model(tiny_config("llama", vocab_size=50, d_model=16, n_layers=2, n_heads=2, block_size=16), seed=0)
+    parent.generation_config.eos_token_id = [7, 8]
+    parent.generation_config.max_new_tokens = 9
+    child = inherit(parent, 1)
+    assert child.generation_config.eos_token_id == [7, 8] and child.generation_config.max_new_tokens == 9
+    assert child.generation_config is not parent.generation_config
+
+
+def test_index_lists_are_renumbered():
+    "A list of block indices (an MoE model's dense layers) is renumbered for the kept blocks."
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+    cfg = Qwen2MoeConfig(vocab_size=50, hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
+                         shared_expert_intermediate_size=8, num_hidden_layers=4, num_attention_heads=2,
+                         num_key_value_heads=1, num_experts=2, num_experts_per_tok=1, mlp_only_layers=[1, 3])
+    child = inherit(Qwen2MoeForCausalLM(cfg), [1, 2])
+    assert child.config.mlp_only_layers == [0]

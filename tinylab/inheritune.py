@@ -13,7 +13,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 # %% auto #0
-__all__ = ['find_layer_list', 'inherit', 'gap_closed']
+__all__ = ['PER_LAYER', 'INDEX_LISTS', 'find_layer_list', 'inherit', 'gap_closed']
 
 # %% ../nbs/20_inheritune.ipynb #cell-009
 def find_layer_list(model: PreTrainedModel) -> tuple[str, nn.ModuleList]:
@@ -48,9 +48,15 @@ def _layer_indices(layers: int | Sequence[int], n_parent: int) -> list[int]:
         raise ValueError(f"layers: indices must be distinct and in 0..{n_parent - 1}, got {idx}")
     return idx
 
+PER_LAYER = ("layer_types", "no_rope_layers", "layers_block_type")  # one value per block, in block order
+INDEX_LISTS = ("mlp_only_layers",)                                    # indices of blocks
+
 def inherit(model: PreTrainedModel, layers: int | Sequence[int]) -> PreTrainedModel:
     """A new model of `model`'s class holding blocks `layers` (an int k: the first k) plus the parent's
-    embeddings, final norm and LM head, all copied exactly; its config says the new depth."""
+    embeddings, final norm and LM head, all copied exactly; its config says the new depth, its per-layer
+    settings (`PER_LAYER`, `INDEX_LISTS`) follow the kept blocks, and it keeps the parent's generation defaults.
+    Tested on Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Phi, Phi-3, GPT-2, GPT-NeoX and Starcoder2
+    (tests/test_fuzz.py); any model whose blocks form one `nn.ModuleList` of `num_hidden_layers` entries works."""
     prefix, blocks = find_layer_list(model)
     n_parent = len(blocks)
     idx = _layer_indices(layers, n_parent)
@@ -59,13 +65,20 @@ def inherit(model: PreTrainedModel, layers: int | Sequence[int]) -> PreTrainedMo
                          f"its blocks keeps its function; got {idx}")
     config = copy.deepcopy(model.config)
     config.num_hidden_layers = len(idx)
-    for key, value in model.config.to_dict().items():  # per-layer settings follow their blocks
-        if isinstance(value, list) and len(value) == n_parent and n_parent > 1:
+    for key in PER_LAYER:  # per-layer settings follow their blocks
+        value = getattr(model.config, key, None)
+        if isinstance(value, (list, tuple)) and len(value) == n_parent:
             setattr(config, key, [value[i] for i in idx])
+    new_position = {i: j for j, i in enumerate(idx)}
+    for key in INDEX_LISTS:  # indices of blocks are renumbered, dropped blocks dropped
+        value = getattr(model.config, key, None)
+        if isinstance(value, (list, tuple)):
+            setattr(config, key, [new_position[i] for i in value if i in new_position])
     child = type(model)(config)
+    child.generation_config = copy.deepcopy(model.generation_config)
 
     # the parent's tensors, with block idx[j] renamed to block j and the other blocks dropped
-    state, new_position = {}, {i: j for j, i in enumerate(idx)}
+    state = {}
     for key, tensor in model.state_dict().items():
         if key.startswith(prefix + "."):
             i, rest = key[len(prefix) + 1:].split(".", 1)
