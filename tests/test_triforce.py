@@ -283,3 +283,36 @@ def test_bad_calls(models):
     other = build_model(tiny_config("llama", vocab_size=V + 1, d_model=16, n_layers=1, n_heads=2), seed=0)
     with pytest.raises(ValueError, match="vocabulary"):
         triforce_generate(target, other, prompt(5, 0), 3)
+
+
+def test_sliding_window_targets_are_refused_or_exact():
+    """A Mistral whose window (8) is shorter than the sequence is refused with a clear error, on both decoders
+    (23.1: both diverged from generate within 1-2 tokens); with a window longer than the sequence it is exact."""
+    from transformers import MistralConfig, MistralForCausalLM
+    def mistral(window):
+        torch.manual_seed(0)
+        return MistralForCausalLM(MistralConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                num_attention_heads=4, num_key_value_heads=2, sliding_window=window,
+                                                max_position_embeddings=256, bos_token_id=1, eos_token_id=2)).eval()
+    draft = tiny_config("llama", vocab_size=V, d_model=16, n_layers=1, n_heads=2, block_size=256)
+    draft = build_model(draft, seed=1).eval()
+    x = prompt(40, 0)
+    with pytest.raises(ValueError, match="sliding window of 8 tokens"):
+        autoregressive_generate(mistral(8), x, 6)
+    with pytest.raises(ValueError, match="sliding window of 8 tokens"):
+        triforce_generate(mistral(8), draft, x, 6)
+    wide = mistral(200)
+    want = wide.generate(x, max_new_tokens=6, do_sample=False, min_new_tokens=6)[0]
+    assert torch.equal(autoregressive_generate(wide, x, 6)[0], want)
+    assert torch.equal(triforce_generate(wide, draft, x, 6, TriForceConfig(budget=16, window=8, sinks=2))[0], want)
+
+
+def test_cache_takes_its_head_count_from_the_keys():
+    "GPT-NeoX ignores num_key_value_heads: the cache is sized by the keys the model writes, not the config."
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    torch.manual_seed(0)
+    m = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)).eval()
+    x = prompt(20, 1)
+    want = m.generate(x, max_new_tokens=5, do_sample=False, min_new_tokens=5)[0]
+    assert torch.equal(autoregressive_generate(m, x, 5)[0], want)

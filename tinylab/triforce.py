@@ -18,8 +18,8 @@ from .kernels.sparse_decode_attention import sparse_decode_attention
 
 # %% auto #0
 __all__ = ['to_probs', 'speculative_accept', 'FlatKVCache', 'ChunkSelection', 'streaming_selection', 'chunk_scores',
-           'retrieval_selection', 'triforce_attention', 'TriForceConfig', 'DecodeStats', 'autoregressive_generate',
-           'triforce_generate', 'lossless_outcome', 'distribution_outcome']
+           'retrieval_selection', 'triforce_attention', 'TriForceConfig', 'DecodeStats', 'unsupported_attention',
+           'autoregressive_generate', 'triforce_generate', 'lossless_outcome', 'distribution_outcome']
 
 # %% ../nbs/21_triforce.ipynb #cell-010
 def to_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -79,6 +79,14 @@ class FlatKVCache(Cache):
         n, t = self.lengths[layer_idx], key_states.shape[2]
         if n + t > self.capacity:
             raise ValueError(f"FlatKVCache: {n + t} tokens exceed the capacity {self.capacity}")
+        B, hkv, _, hd = key_states.shape
+        if (B, hkv, hd) != (self.k[layer_idx].shape[0], self.k[layer_idx].shape[1], self.k[layer_idx].shape[3]):
+            if n:  # the config's head counts were a guess (GPT-NeoX ignores num_key_value_heads): size by the first write
+                raise ValueError(f"FlatKVCache: layer {layer_idx} got keys {tuple(key_states.shape)} after {n} tokens "
+                                 f"of shape {tuple(self.k[layer_idx].shape)}")
+            shape = (B, hkv, self.capacity, hd)
+            self.k[layer_idx] = key_states.new_zeros(shape)
+            self.v[layer_idx] = value_states.new_zeros(shape)
         self.k[layer_idx][:, :, n:n + t] = key_states
         self.v[layer_idx][:, :, n:n + t] = value_states
         self.lengths[layer_idx] = n + t
@@ -259,6 +267,32 @@ def _forward(model, tokens: list[int], cache: FlatKVCache, select=None, record=N
     return logits
 
 
+def unsupported_attention(config, length: int) -> list[str]:
+    """What `config` declares about its attention that TriForce's kernel does not compute (it is plain causal
+    softmax attention over the chunks it reads), for sequences of up to `length` tokens: a sliding window shorter
+    than `length` (per-layer `layer_types`, or `sliding_window` where the model uses it) and logit soft-capping.
+    Empty for the architectures TriForce accepts: Llama, Qwen3, Gemma, Phi, Phi-3, GPT-2, GPT-NeoX, and Mistral,
+    Qwen2 or Starcoder2 while the sequence fits in their window."""
+    found = []
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    windowed = any(t != "full_attention" for t in types) if types is not None else \
+        bool(window) and getattr(config, "use_sliding_window", True)
+    if windowed and (not window or window < length):
+        found.append(f"a sliding window of {window} tokens (the sequence reaches {length})")
+    if getattr(config, "attn_logit_softcapping", None):
+        found.append(f"attention logit soft-capping ({config.attn_logit_softcapping})")
+    return found
+
+
+def _check_target(model, length: int):
+    "Refuse, naming the reason, a target whose attention TriForce would not compute exactly (its output would not be lossless)."
+    found = unsupported_attention(model.config, length)
+    if found:
+        raise ValueError(f"{type(model).__name__}: TriForce cannot decode this model losslessly: its attention has "
+                         + " and ".join(found))
+
+
 def _prompt(input_ids, max_new_tokens) -> list[int]:
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim not in (1, 2):
         raise ValueError("input_ids must be a tensor [T] or [1, T]")
@@ -278,6 +312,7 @@ def autoregressive_generate(model, input_ids, max_new_tokens: int, temperature: 
     """The baseline: one full-cache forward pass per token, same caches and attention, and the prompt prefilled as
     `triforce_generate` does (the model's own attention, then one token through ours). Returns (prompt + new tokens, stats)."""
     seq = _prompt(input_ids, max_new_tokens)
+    _check_target(model, len(seq) + max_new_tokens)
     n0, t0 = len(seq), _now(model)
     cache = FlatKVCache(model, n0 + max_new_tokens)
     if n0 > 2:
@@ -310,6 +345,7 @@ def triforce_generate(target, draft, input_ids, max_new_tokens: int, cfg: TriFor
     seq = _prompt(input_ids, max_new_tokens)
     n_prompt, t_start = len(seq), _now(target)
     cap = n_prompt + max_new_tokens + cfg.gamma2 + cfg.gamma1 + 2
+    _check_target(target, cap)  # the draft only proposes: its attention need not be exact
     full, dcache = FlatKVCache(target, cap), FlatKVCache(draft, cap)
     C, T, stats = cfg.chunk_size, cfg.temperature, DecodeStats()
 
