@@ -127,3 +127,58 @@ def test_mixed_devices():
     q, k, v, idx = _inputs()
     with pytest.raises(ValueError, match="one device"):
         sparse_decode_attention(q, k.cpu(), v, idx)
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+@pytest.mark.parametrize("where", ["q", "k"])
+def test_nan_is_not_hidden(use_triton, where):
+    "A NaN query or visible key gives NaN rows on both paths (23.6: the PyTorch path turned them into zeros)."
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 2, 1, 16, generator=g), torch.randn(1, 1, 32, 16, generator=g), torch.randn(1, 1, 32, 16, generator=g)
+    (q if where == "q" else k)[0, 0, -1 if where == "k" else 0, 3] = float("nan")
+    out = sparse_decode_attention(q, k, v, torch.tensor([[[0, 1, 2, 3]]]), 8, use_triton=use_triton)
+    assert out[0, 0].isnan().all() and (where == "k" or not out[0, 1].isnan().any())
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_duplicate_chunks_are_refused(use_triton):
+    "A chunk named twice would count twice (0.16-0.25 relative change, 23.10): a clear error; -1 padding is fine."
+    q, k, v = torch.randn(1, 2, 1, 16), torch.randn(1, 1, 32, 16), torch.randn(1, 1, 32, 16)
+    with pytest.raises(ValueError, match="named twice"):
+        sparse_decode_attention(q, k, v, torch.tensor([[[0, 2, 2]]]), 8, use_triton=use_triton)
+    sparse_decode_attention(q, k, v, torch.tensor([[[0, 2, -1, -1]]]), 8, use_triton=use_triton)
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_empty_batch(use_triton):
+    "B = 0 gives an empty result on both paths (23.7: ZeroDivisionError in the Triton path)."
+    out = sparse_decode_attention(torch.randn(0, 2, 1, 16), torch.randn(0, 1, 32, 16), torch.randn(0, 1, 32, 16),
+                                  torch.zeros(0, 1, 3, dtype=torch.long), 8, use_triton=use_triton)
+    assert out.shape == (0, 2, 1, 16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_shapes_that_exceed_shared_memory_are_handled_before_compiling():
+    """128 query rows per kv head at head dim 256 in fp32 (23.12: 190 s of compiling, then OutOfResources) now runs
+    with fewer chunks per step; chunk size 128 in bf16, which cannot fit, is refused at once."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 16, 8, 256, device="cuda", generator=g)
+    k, v = (torch.randn(1, 1, 4096, 256, device="cuda", generator=g) for _ in range(2))
+    idx = torch.arange(448, 512, device="cuda").view(1, 1, 64)
+    out = sparse_decode_attention(q, k, v, idx, 8)
+    torch.testing.assert_close(out, sparse_decode_attention_ref(q, k, v, idx, 8), atol=2e-4, rtol=2e-4)
+    with pytest.raises(ValueError, match="shared memory"):
+        sparse_decode_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), torch.arange(0, 4, device="cuda").view(1, 1, 4), 128)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU with room for a 3 x 2**30-element cache")
+def test_cache_past_int32_offsets():
+    "k, v of shape (3, 8, 2**20, 128): offsets into the third sequence pass 2**31 (23.11: illegal memory access)."
+    B, Hkv, N, D = 3, 8, 2**20, 128
+    k = torch.randn(B, Hkv, N, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(B, 8, 1, D, device="cuda", dtype=torch.bfloat16)
+    idx = torch.tensor([0, N // 8 - 1], device="cuda").expand(B, Hkv, 2).contiguous()  # first and last chunk
+    out = sparse_decode_attention(q, k, v, idx, 8)
+    want = sparse_decode_attention_ref(q[2:], k[2:], v[2:], idx[2:], 8)
+    torch.testing.assert_close(out[2:].float(), want.float(), atol=2e-2, rtol=2e-2)

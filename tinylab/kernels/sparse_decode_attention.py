@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 # %% auto #0
-__all__ = ['MAX_ROWS', 'sparse_decode_attention_ref', 'sparse_decode_attention_kernel', 'combine_splits_kernel',
+__all__ = ['MAX_ROWS', 'SMEM_BYTES', 'sparse_decode_attention_ref', 'sparse_decode_attention_kernel', 'combine_splits_kernel',
            'sparse_decode_attention']
 
 # %% ../../nbs/21a_sparse_decode_attention.ipynb #cell-009
@@ -78,7 +78,8 @@ def sparse_decode_attention_ref(q, k, v, chunk_idx, chunk_size=8, scale=None, nu
     logits = scale * qg @ ks.transpose(-1, -2)                                             # (B, Hkv, G*NQ, M*C)
     qi = torch.arange(G * NQ, device=q.device) % NQ                                        # query index in its head
     visible = valid[:, :, None, :] & (tok[:, :, None, :] <= (N - NQ + qi)[None, None, :, None])
-    w = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)  # no key seen -> 0
+    w = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+    w = torch.where(visible.any(-1, keepdim=True), w, 0.0)                                 # no key seen -> 0 (a NaN stays NaN)
     return (w @ vs).reshape(B, H, NQ, D).to(q.dtype)
 
 # %% ../../nbs/21a_sparse_decode_attention.ipynb #cell-019
@@ -92,7 +93,7 @@ def sparse_decode_attention_kernel(Q, K, V, IDX, O_PART, LSE_PART,
                                    D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr,
                                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr):
     pid_bh, split = tl.program_id(0), tl.program_id(1)
-    b, hk = pid_bh // Hkv, pid_bh % Hkv
+    b, hk = (pid_bh // Hkv).to(tl.int64), pid_bh % Hkv       # int64: b * stride_kb passes 2**31 in long caches
     n_splits = tl.num_programs(1)
     # the R = G*NQ query rows sharing kv head hk: row r is head hk*G + r//NQ, new token r % NQ
     rows = tl.arange(0, BLOCK_R)
@@ -114,7 +115,7 @@ def sparse_decode_attention_kernel(Q, K, V, IDX, O_PART, LSE_PART,
     for c0 in range(start, end, BLOCK_C):
         s_ok = c0 + slot < end
         cid = tl.load(IDX + b * stride_ib + hk * stride_ih + c0 + slot, mask=s_ok, other=-1)
-        tok = cid * CHUNK + within                          # rows of the full cache, read in place
+        tok = cid.to(tl.int64) * CHUNK + within             # rows of the full cache, read in place (int64 offsets)
         k_ok = s_ok & (cid >= 0) & (tok < N)
         kv_mask = k_ok[:, None] & d_ok[None, :]
         k = tl.load(K + b * stride_kb + hk * stride_kh + tok[:, None] * stride_kt + d[None, :], mask=kv_mask, other=0.0)
@@ -170,7 +171,15 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def sparse_decode_attention(q, k, v, chunk_idx, chunk_size=8, scale=None, num_splits=None, use_triton=None):
+SMEM_BYTES = 232_448  # shared memory one program may use on an H100/H200, when the device does not say
+
+def _smem_bytes(block_r: int, block_d: int, rows: int, elt: int) -> int:
+    "Shared memory the kernel's tiles take: the queries (fp32), one step's keys and values, and the scores."
+    return 4 * block_r * block_d + 2 * elt * rows * block_d + 4 * block_r * rows
+
+
+def sparse_decode_attention(q, k, v, chunk_idx, chunk_size=8, scale=None, num_splits=None, use_triton=None,
+                            check_distinct=True):
     """Attention of the NQ newest tokens over selected chunks of a KV cache, read in place (no gather copy).
 
     q: [B, H, NQ, D]; k, v: [B, Hkv, N, D] with Hkv dividing H (any strides, last dim contiguous: a view of a
@@ -179,8 +188,16 @@ def sparse_decode_attention(q, k, v, chunk_idx, chunk_size=8, scale=None, num_sp
     NQ tokens: query i sees selected tokens at positions <= N - NQ + i. scale defaults to D**-0.5.
     Returns [B, H, NQ, D] in q's dtype (rows that see no key are 0). `use_triton`: None = Triton on CUDA
     tensors and the reference elsewhere; True also runs Triton on CPU tensors under TRITON_INTERPRET=1.
-    `num_splits`: the split-KV factor (default: enough programs to fill the GPU)."""
+    `num_splits`: the split-KV factor (default: enough programs to fill the GPU). `check_distinct`: refuse a chunk
+    named twice (it would count twice); callers whose ids are distinct by construction may skip the check, which
+    waits for the GPU. On a GPU, a shape whose tiles cannot fit in shared memory is refused before compiling."""
     B, H, Hkv, NQ, N, D, M = _check(q, k, v, chunk_idx, chunk_size, scale, num_splits)
+    if check_distinct and M > 1:
+        ids = chunk_idx.sort(-1).values
+        if ((ids[..., 1:] == ids[..., :-1]) & (ids[..., 1:] >= 0)).any():
+            raise ValueError("chunk_idx: a chunk is named twice for one (batch, kv head); the ids must be distinct (-1 pads)")
+    if B == 0:  # nothing to attend to: the same empty answer on both paths
+        return q.new_empty(q.shape)
     if use_triton is None:
         use_triton = q.is_cuda
     if use_triton and not (q.is_cuda or _interpreting()):
@@ -190,6 +207,18 @@ def sparse_decode_attention(q, k, v, chunk_idx, chunk_size=8, scale=None, num_sp
     R = (H // Hkv) * NQ
     scale = D ** -0.5 if scale is None else float(scale)
     BLOCK_C = max(1, (64 if q.is_cuda else 16) // chunk_size)   # chunks per step (>= 16 rows for tl.dot)
+    BLOCK_R, BLOCK_D = max(16, triton.next_power_of_2(R)), max(16, triton.next_power_of_2(D))
+    dot_fp32 = q.dtype == torch.float32 or not q.is_cuda
+    if q.is_cuda:  # fewer chunks per step until the tiles fit; if even the fewest do not, say so before compiling
+        limit = getattr(torch.cuda.get_device_properties(q.device), "shared_memory_per_block_optin", SMEM_BYTES)
+        elt = 4 if dot_fp32 else q.element_size()
+        while BLOCK_C > max(1, 16 // chunk_size) and _smem_bytes(BLOCK_R, BLOCK_D, BLOCK_C * chunk_size, elt) > limit:
+            BLOCK_C //= 2
+        need = _smem_bytes(BLOCK_R, BLOCK_D, BLOCK_C * chunk_size, elt)
+        if need > limit:
+            raise ValueError(f"sparse_decode_attention: {R} query rows per kv head (heads per kv head x NQ), head dim {D} "
+                             f"and chunk_size {chunk_size} in {q.dtype} need about {need} bytes of shared memory; this GPU "
+                             f"has {limit}: use fewer rows, a smaller chunk_size or head dim")
     if num_splits is None:                                      # about two programs per SM
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
         num_splits = max(1, min(triton.cdiv(M, BLOCK_C), triton.cdiv(2 * sms, B * Hkv)))
@@ -199,14 +228,13 @@ def sparse_decode_attention(q, k, v, chunk_idx, chunk_size=8, scale=None, num_sp
     o_part = torch.empty(B * Hkv * num_splits * R * D, device=q.device, dtype=torch.float32)
     lse_part = torch.empty(B * Hkv * num_splits * R, device=q.device, dtype=torch.float32)
     out = torch.empty(B, H, NQ, D, device=q.device, dtype=q.dtype)
-    BLOCK_R, BLOCK_D = max(16, triton.next_power_of_2(R)), max(16, triton.next_power_of_2(D))
     sparse_decode_attention_kernel[(B * Hkv, num_splits)](
         q, k, v, idx, o_part, lse_part,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), idx.stride(0), idx.stride(1),
         Hkv, N, M, NQ, R, scale, chunks_per_split,
         D=D, CHUNK=chunk_size, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
-        DOT_FP32=q.dtype == torch.float32 or not q.is_cuda, num_warps=4)
+        DOT_FP32=dot_fp32, num_warps=4)
     combine_splits_kernel[(B * Hkv * R,)](
         o_part, lse_part, out, out.stride(0), out.stride(1), out.stride(2), Hkv, NQ, R, num_splits,
         D=D, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=BLOCK_D)
