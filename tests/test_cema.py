@@ -156,3 +156,14 @@ def test_no_ema_dimensions_is_a_clear_error():
     x, p, q, gamma, _ = make(1, 4, 3, 2)
     with pytest.raises(ValueError, match="N = 0"):
         cema(x, p[:, :0], q[:, :0], gamma[:, :0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU with room for a 3 x 2**30-element input")
+def test_input_past_int32_offsets():
+    "x of shape (3, 2**20, 1024): offsets into the third sequence pass 2**31 (23.11: illegal memory access)."
+    x, p, q, gamma, _ = make(1, 1, 1024, 16)
+    x = torch.randn(3, 2**20, 1024, device="cuda", dtype=torch.bfloat16)
+    p, q, gamma = p.cuda(), q.cuda(), gamma.cuda()
+    y, _ = cema(x, p, q, gamma, backend="triton", need_state=False)
+    want, _ = cema_ref(x[2:, :512].float(), p, q, gamma)   # the third sequence's start, on its own
+    torch.testing.assert_close(y[2:, :512].float(), want, atol=3e-2, rtol=3e-2)

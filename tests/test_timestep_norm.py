@@ -124,3 +124,13 @@ def test_no_features_and_missing_weight_are_clear_errors(backend):
         args = {**dict(weight=torch.ones(4), bias=torch.zeros(4)), name: None}
         with pytest.raises(TypeError, match=f"{name} must be a torch.Tensor"):
             timestep_norm(torch.randn(1, 3, 4), 2, backend=backend, **args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU with room for a 3 x 2**30-element input")
+def test_input_past_int32_offsets():
+    "x of shape (3, 2**20, 1024): offsets into the third sequence pass 2**31 (23.11: illegal memory access)."
+    x = torch.randn(3, 2**20, 1024, device="cuda", dtype=torch.bfloat16)
+    w, b = torch.ones(1024, device="cuda"), torch.zeros(1024, device="cuda")
+    y = timestep_norm(x, 16, w, b)[0]
+    want = timestep_norm_ref(x[2:, :4096], 16, w, b)[0]   # the third sequence's start, on its own
+    torch.testing.assert_close(y[2:, :4096].float(), want.float(), atol=3e-2, rtol=3e-2)

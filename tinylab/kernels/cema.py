@@ -125,7 +125,7 @@ def cema_fwd_kernel(X, P, Q, G, H0, Y, HT, HS, T, D, N,
                     HAS_H0: tl.constexpr, SAVE_STATES: tl.constexpr, ACC: tl.constexpr,
                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     # one program: batch row b, channels d0 .. d0 + BLOCK_D, all N dims, walking the whole sequence
-    b, pid_d = tl.program_id(0), tl.program_id(1)
+    b, pid_d = tl.program_id(0).to(tl.int64), tl.program_id(1)      # int64: (b * T + t) * D passes 2**31
     rt = tl.arange(0, BLOCK_T)
     rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     rn = tl.arange(0, BLOCK_N)
@@ -191,7 +191,7 @@ def _cema_forward(x, p, q, gamma, h0, save_states: bool):
 def cema_bwd_kernel(X, P, Q, G, HS, DY, DHT, DX, DP, DQ, DG, DH0, T, D, N,
                     HAS_DHT: tl.constexpr, ACC: tl.constexpr,
                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    b, pid_d = tl.program_id(0), tl.program_id(1)
+    b, pid_d = tl.program_id(0).to(tl.int64), tl.program_id(1)      # int64: (b * T + t) * D passes 2**31
     rt = tl.arange(0, BLOCK_T)
     rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     rn = tl.arange(0, BLOCK_N)
@@ -363,4 +363,8 @@ def cema(x: torch.Tensor, p: torch.Tensor, q: torch.Tensor, gamma: torch.Tensor,
         return cema_fft(x, p, q, gamma, h0, need_state)
     if backend != "triton":
         raise ValueError(f"backend must be 'auto', 'triton', 'fft' or 'ref', got {backend!r}")
+    inputs = (x, p, q, gamma) + ((h0,) if h0 is not None else ())
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):  # no backward: no chunk states to keep
+        y, hT, _ = _cema_forward(x.contiguous(), p, q, gamma, h0, save_states=False)
+        return y, hT
     return CEMAFunction.apply(x.contiguous(), p, q, gamma, h0)

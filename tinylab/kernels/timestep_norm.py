@@ -62,7 +62,7 @@ def _welford_combine(n1, m1, v1, n2, m2, v2):
 @triton.jit
 def timestep_norm_fwd_kernel(X, W, Bias, C0, M0, V0, Y, MEAN, VAR, CUM_MEAN, CUM_RSTD, T, D, G, K, eps,
                              ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
-    b, g = tl.program_id(0), tl.program_id(1)
+    b, g = tl.program_id(0).to(tl.int64), tl.program_id(1)          # int64: (b * T + t) * D passes 2**31
     rt = tl.arange(0, BLOCK_T)
     rk = tl.arange(0, BLOCK_K)
     kmask = rk < K
