@@ -36,3 +36,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# Hypothesis profiles for tests/test_fuzz.py: "ci" is derandomised (the same examples every run) and small enough
+# for CI's budget; "long" is for a search by hand: HYPOTHESIS_PROFILE=long pytest tests/test_fuzz.py
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # a GPU machine without it runs the other tests
+    settings = None
+if settings is not None:
+    quiet = [HealthCheck.too_slow, HealthCheck.data_too_large]
+    settings.register_profile("ci", max_examples=12, derandomize=True, deadline=None, print_blob=True,
+                              suppress_health_check=quiet)
+    settings.register_profile("long", max_examples=300, deadline=None, print_blob=True, suppress_health_check=quiet)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
