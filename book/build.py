@@ -15,6 +15,7 @@ read the math), and the build fails unless every page of the toc is in the HTML.
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import json
 import os
@@ -219,9 +220,34 @@ def numbers_not_from_the_run(nb) -> list[str]:
     return found
 
 
+SETUP_CALLS = ("os.environ", "torch.set_num_threads", "warnings.filterwarnings", "warnings.simplefilter")
+
+
+def _is_setup_statement(node: ast.stmt) -> bool:
+    "An import, a setting of the environment (os.environ, threads, warnings), or an `if` holding only those."
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return True
+    if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
+        return ast.unparse(node.value.func).startswith(SETUP_CALLS)
+    if isinstance(node, ast.Assign):
+        return all(ast.unparse(t).startswith("os.environ") for t in node.targets)
+    if isinstance(node, ast.If):
+        return all(_is_setup_statement(n) for n in node.body + node.orelse)
+    return False
+
+
+def is_setup(source: str) -> bool:
+    "A code cell of imports and environment settings only (nbdev directives and comments aside)."
+    try:
+        body = ast.parse("\n".join(line for line in source.splitlines() if not line.startswith("#|"))).body
+    except SyntaxError:
+        return False
+    return bool(body) and all(_is_setup_statement(n) for n in body)
+
+
 def for_reading(nb_path: Path) -> None:
     """Prepare the rendered copy: strip nbdev's directives (`#| hide` cells go, other `#|` lines are
-    dropped), show the parameters the page was built with (Papermill's injected cell, without the builder's
+    dropped), fold the input of import/environment cells (`hide-input`), show the parameters the page was built with (Papermill's injected cell, without the builder's
     absolute paths) in place of the defaults, reduce progress bars to their final state, and set display
     math apart for MyST."""
     nb = nbformat.read(nb_path, as_version=4)
@@ -234,6 +260,8 @@ def for_reading(nb_path: Path) -> None:
         if "injected-parameters" in tags:
             cell.source = "# the parameters this page was built with\n" + re.sub(
                 r'results_path = "[^"]*[\\/]([^"\\/]+)"', r'results_path = "results/\1"', cell.source)
+        if cell.cell_type == "code" and is_setup(cell.source) and "hide-input" not in tags:
+            cell.metadata["tags"] = tags + ["hide-input"]  # imports and environment: folded, one click away
         if cell.cell_type == "code":
             lines = cell.source.splitlines()
             if any(line.strip() in ("#| hide", "#|hide") for line in lines) or \

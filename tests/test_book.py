@@ -7,7 +7,7 @@ import nbformat
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "book"))
 from build import (display_math_as_blocks, execution_order, final_stream_state, for_reading, html_dir,  # noqa: E402
-                   imported_modules, numbers_not_from_the_run, summary, toc_entries)
+                   imported_modules, is_setup, numbers_not_from_the_run, summary, toc_entries)
 
 
 def test_toc_lists_existing_notebooks_root_first():
@@ -75,3 +75,11 @@ def test_rendered_page_shows_the_parameters_it_was_built_with(tmp_path):
     cells = nbformat.read(path, as_version=4).cells
     assert len(cells) == 1 and 'scale = "book"' in cells[0].source
     assert 'results_path = "results/11_m.json"' in cells[0].source and "/tmp" not in cells[0].source
+
+
+def test_import_cells_are_folded():
+    assert is_setup("#| export\nfrom __future__ import annotations\n\nimport os\nimport torch  # the model\n"
+                    "from tinylab.core import (ClaimTable,\n    decide)\n")
+    assert is_setup("import os\nos.environ.setdefault('TRITON_INTERPRET', '1')")
+    assert not is_setup("import torch\nx = torch.zeros(3)")
+    assert not is_setup("#| export\n")
