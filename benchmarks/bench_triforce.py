@@ -2,7 +2,7 @@
 read in place, against PyTorch SDPA on the gathered chunks and on the full cache.
 
 Run on a CUDA machine from the repository root:
-    PYTHONPATH=. python3 benchmarks/bench_triforce.py --out results/triforce_h100.json
+    PYTHONPATH=. python3 benchmarks/bench_triforce.py --out book/results/triforce_h200.json
 It first checks the kernel against the PyTorch reference (fp32 and bf16; no timings on a red gate), measures the
 GPU's copy bandwidth (the floor: time to read the KV bytes once), then times, at Llama2-7B's attention shape
 (32 heads of 128) and growing cache lengths, with `triton.testing.do_bench` (median):
@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from datetime import datetime, timezone
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 import triton
 from triton.testing import do_bench
 
@@ -70,13 +73,26 @@ def copy_bandwidth(dev) -> float:
 
 
 def sdpa_end_aligned(q, k, v):
-    "SDPA with the new queries as the last NQ tokens (causal, aligned to the end); GQA without copying k, v."
+    """SDPA with the new queries as the last NQ tokens (causal, aligned to the end); GQA without copying k, v.
+    The mask is `causal_lower_right`, which SDPA's flash and memory-efficient kernels take (a dense boolean
+    mask would leave it only the slower ones, and flatter our kernel)."""
     NQ, N = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
     if NQ == 1:
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-    mask = torch.ones(NQ, N, dtype=torch.bool, device=q.device).tril(diagonal=N - NQ)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(NQ, N), enable_gqa=gqa)
+
+
+def sdpa_backend(q, k, v) -> str:
+    "Which of SDPA's kernels runs these inputs: the first, in SDPA's own order of preference, that accepts them."
+    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH):
+        try:
+            with sdpa_kernel([backend]):
+                sdpa_end_aligned(q, k, v)
+            return backend.name.lower()
+        except RuntimeError:
+            continue
+    return "none"
 
 
 def main():
@@ -127,6 +143,7 @@ def main():
                 e_sel = rel_err(kernel(q, k, v, sel, C), sdpa_end_aligned(q, ks, vs))
                 if e_full > 2e-2 or e_sel > 2e-2:
                     raise SystemExit(f"red gate at N={N}, NQ={NQ}, Hkv={Hkv}: errors {e_full:.2e}, {e_sel:.2e}")
+                backend = sdpa_backend(q, k, v)
                 full_bytes = 2 * k.numel() * k.element_size()
                 sel_bytes = 2 * ks.numel() * ks.element_size()
                 fns = {
@@ -140,6 +157,7 @@ def main():
                 for name, (fn, nbytes) in fns.items():
                     ms = times[name]
                     rows.append(dict(heads=H, kv_heads=Hkv, context=N, new_tokens=NQ, budget=args.budget, method=name,
+                                     sdpa_backend=backend,
                                      ms=round(ms, 4), gbps=round(nbytes / ms / 1e6, 1), floor_ms=round(nbytes / bw / 1e6, 4),
                                      of_floor=round(nbytes / bw / 1e6 / ms, 3),
                                      speedup_vs_sdpa_full=round(times["SDPA, full cache"] / ms, 2)))
@@ -149,7 +167,8 @@ def main():
                     torch.cuda.empty_cache()
     record = dict(device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (smoke test)", torch=torch.__version__, triton=triton.__version__,
                   date=datetime.now(timezone.utc).isoformat(timespec="seconds"), copy_gbps=round(bw, 1), gate=errs,
-                  dtype="bfloat16", head_dim=D, chunk_size=C, rows=rows)
+                  dtype="bfloat16", head_dim=D, chunk_size=C, sdpa_mask="causal_lower_right",
+                  commit=os.environ.get("TINYLAB_COMMIT"), args=vars(args), rows=rows)
     with open(args.out, "w") as f:
         json.dump(record, f, indent=1)
     print("wrote", args.out)

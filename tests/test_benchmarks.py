@@ -1,4 +1,4 @@
-"""The end-to-end TriForce GPU benchmark still runs (its `--smoke` sizes, on the CPU, on a made-up token stream),
+"""The TriForce GPU benchmarks still run (their `--smoke` sizes, on the CPU; the end-to-end one on a made-up token stream),
 so that a GPU session does not spend its time finding a broken script."""
 import json
 import os
@@ -32,3 +32,14 @@ def test_triforce_e2e_smoke(tmp_path):
     for level in result["levels"].values():
         assert 0 < level["attention_share"]["retrieval cache"] <= level["attention_share"]["best tokens"] + 1e-6 <= 1 + 1e-6
         assert len(level["loss"]) == 2 and "whole context" in level["loss"]
+
+
+def test_triforce_kernel_benchmark_smoke(tmp_path):
+    "The kernel benchmark's --smoke path: the gate, SDPA with a causal_lower_right mask, the backend it chose."
+    out = tmp_path / "kernel.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "benchmarks/bench_triforce.py", "--smoke", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["sdpa_mask"] == "causal_lower_right" and all(r["sdpa_backend"] for r in result["rows"])
