@@ -23,7 +23,7 @@ __all__ = ['POSITIVE', 'NEGATIVE', 'FILLERS', 'ENTITIES', 'LABELS', 'WORDS', 'NU
            'linear_task', 'sentiment_task', 'lookup_task', 'parity_task', 'shot', 'rationale', 'addition_task',
            'answer_of', 'shot_counts', 'nested_orders', 'build_prompt', 'encode_prefix', 'prefix_cache',
            'score_targets', 'evaluate_icl', 'baseline_accuracy', 'generate_after_prefix', 'evaluate_generation',
-           'reinforced_shots', 'task_examples', 'meta_training_mix']
+           'reinforced_shots', 'task_examples', 'meta_training_mix', 'pack_frame', 'unpack_frame']
 
 # %% ../nbs/30_manyshot.ipynb #cell-007
 # the vocabulary: every token is a word; prompts are space-separated words
@@ -170,10 +170,15 @@ def build_prompt(shots: Dataset, order: Sequence[int], k: int, preamble: Sequenc
     return tokens
 
 # %% ../nbs/30_manyshot.ipynb #cell-016
+def _cache_kw(model: PreTrainedModel) -> str:
+    "The keyword a model's forward takes its KV cache by: `cache` in newer `transformers`, `past_key_values` before."
+    import inspect
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
 @torch.no_grad()
 def encode_prefix(model: PreTrainedModel, ids: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     "Run the shared prefix through `model` once; its keys and values per layer, each (1, Hkv, P, D)."
-    out = model(input_ids=torch.tensor([list(ids)], device=model.device), cache=DynamicCache(), use_cache=True)
+    out = model(input_ids=torch.tensor([list(ids)], device=model.device), **{_cache_kw(model): DynamicCache()}, use_cache=True)
     return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
 
 def prefix_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], length: int, batch: int) -> DynamicCache:
@@ -197,7 +202,7 @@ def score_targets(model: PreTrainedModel, kv, prefix_len: int, query_ids: torch.
     B, Q = query_ids.shape
     if not 0 < n_target < Q:
         raise ValueError(f"n_target must be in 1..{Q - 1}, got {n_target}")
-    logits = model(input_ids=query_ids, cache=prefix_cache(kv, prefix_len, B), use_cache=True).logits.float()
+    logits = model(input_ids=query_ids, **{_cache_kw(model): prefix_cache(kv, prefix_len, B)}, use_cache=True).logits.float()
     # the logits at position t predict token t + 1: the target's predictions are the n_target before the last
     logp = logits[:, Q - n_target - 1:Q - 1].log_softmax(-1)          # (B, T, V)
     target = query_ids[:, Q - n_target:]                                # (B, T)
@@ -277,8 +282,8 @@ def generate_after_prefix(model: PreTrainedModel, kv, prefix_len: int, query_ids
     """Continue each query of `query_ids` (B, Q), all after the same cached prefix, for up to `max_new`
     tokens: greedy at temperature 0, else sampled. Each continuation ends at (and includes) `stop_id`."""
     B = query_ids.shape[0]
-    cache = prefix_cache(kv, prefix_len, B)
-    logits = model(input_ids=query_ids, cache=cache, use_cache=True).logits[:, -1].float()
+    cache, kw = prefix_cache(kv, prefix_len, B), _cache_kw(model)
+    logits = model(input_ids=query_ids, **{kw: cache}, use_cache=True).logits[:, -1].float()
     out, done = [[] for _ in range(B)], torch.zeros(B, dtype=torch.bool)
     for _ in range(max_new):
         if temperature > 0:
@@ -291,7 +296,7 @@ def generate_after_prefix(model: PreTrainedModel, kv, prefix_len: int, query_ids
         done |= nxt.cpu() == stop_id
         if done.all():
             break
-        logits = model(input_ids=nxt[:, None], cache=cache, use_cache=True).logits[:, -1].float()
+        logits = model(input_ids=nxt[:, None], **{kw: cache}, use_cache=True).logits[:, -1].float()
     return out
 
 def evaluate_generation(model: PreTrainedModel, tok: PreTrainedTokenizerFast, pool: Dataset, test: Dataset,
@@ -313,7 +318,7 @@ def evaluate_generation(model: PreTrainedModel, tok: PreTrainedTokenizerFast, po
             for qlen, items in by_len.items():
                 for b in range(0, len(items), batch_size):
                     idx = items[b:b + batch_size]
-                    gen = generate_after_prefix(model, kv, length, torch.tensor([queries[i] for i in idx]), max_new, stop)
+                    gen = generate_after_prefix(model, kv, length, torch.tensor([queries[i] for i in idx], device=model.device), max_new, stop)
                     for i, g in zip(idx, gen):
                         rows.append(dict(seed=seed, k=k, item=i, correct=float(answer_of(tok.convert_ids_to_tokens(g)) == test[i]["answer"])))
     return pd.DataFrame(rows)
@@ -324,8 +329,8 @@ def reinforced_shots(model: PreTrainedModel, tok: PreTrainedTokenizerFast, probl
     (a short prompt, encoded once); only rationales whose final answer is right are kept, as `y`."""
     stop = tok.convert_tokens_to_ids("|")
     kv = encode_prefix(model, _ids(tok, prompt))
-    g = torch.Generator().manual_seed(seed)
-    queries = torch.tensor([_ids(tok, [*ex["x"], "="]) for ex in problems])
+    g = torch.Generator(device=model.device).manual_seed(seed)
+    queries = torch.tensor([_ids(tok, [*ex["x"], "="]) for ex in problems], device=model.device)
     rows, seen = {"x": [], "y": [], "answer": []}, set()
     for _ in range(samples):
         gen = generate_after_prefix(model, kv, len(prompt), queries, max_new, stop, temperature, g)
@@ -371,3 +376,32 @@ def meta_training_mix(n_prompts: int, k_train: int, mix: dict[str, float], seed:
         texts.append(" ".join(t for x, y in zip(ex["x"], ex["y"]) for t in shot(x, y)))
         tasks.append(task)
     return Dataset.from_dict({"text": texts, "task": tasks})
+
+# %% ../nbs/30_manyshot.ipynb #cell-gpu-1
+def pack_frame(df: pd.DataFrame, decimals: int = 4) -> dict:
+    """A DataFrame as compact JSON-ready columns: text columns as `categories` + integer `codes` (first-seen order),
+    integer columns as ints, float columns rounded to `decimals` (whole values written as ints, listed in `floats`)."""
+    data, floats = {}, []
+    for c in df.columns:
+        s = df[c]
+        if pd.api.types.is_float_dtype(s):
+            floats.append(c)
+            data[c] = [int(v) if float(v).is_integer() else float(v) for v in s.round(decimals)]
+        elif pd.api.types.is_integer_dtype(s) or pd.api.types.is_bool_dtype(s):
+            data[c] = [int(v) for v in s]
+        else:
+            cats = list(dict.fromkeys(map(str, s)))
+            code = {v: i for i, v in enumerate(cats)}
+            data[c] = {"categories": cats, "codes": [code[str(v)] for v in s]}
+    return {"columns": [str(c) for c in df.columns], "floats": floats, "data": data}
+
+def unpack_frame(packed: dict) -> pd.DataFrame:
+    "The DataFrame `pack_frame` wrote (values rounded as it rounded them)."
+    cols = {}
+    for c in packed["columns"]:
+        v = packed["data"][c]
+        if isinstance(v, dict):
+            cols[c] = np.asarray(v["categories"], dtype=object)[np.asarray(v["codes"], dtype=int)] if v["codes"] else np.array([], dtype=object)
+        else:
+            cols[c] = np.asarray(v, dtype=float if c in packed["floats"] else int)
+    return pd.DataFrame(cols, columns=packed["columns"])

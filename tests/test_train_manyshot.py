@@ -1,0 +1,89 @@
+"""benchmarks/train_manyshot.py (the many-shot chapter's `gpu`-preset run) on its CPU --smoke path, without the
+`datasets` package (as on the GPU image): the JSON has provenance, the training curve, per-item scores at every K of
+the nested shot sets for every task, instance and seed, the baselines at every K and N, addition and fine-tuning;
+and the script's preset is the chapter's."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from tinylab.manyshot import shot_counts, unpack_frame
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "train_manyshot.py"
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+       "TINYLAB_FAKE_DATASETS": "1", "TINYLAB_COMMIT": "abc123"}
+
+
+@pytest.fixture(scope="module")
+def record(tmp_path_factory):
+    out = tmp_path_factory.mktemp("manyshot") / "manyshot_smoke.json"
+    res = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out)], capture_output=True, text=True,
+                         env=ENV, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "datasets stand-in" in res.stdout
+    assert out.stat().st_size < 16 * 2**20
+    return json.loads(out.read_text())
+
+
+def test_provenance_and_training(record):
+    for key in ("device", "torch", "triton", "transformers", "date", "commit", "args", "preset", "params", "tokens",
+                "train", "phases", "mix_table", "steps"):
+        assert key in record, key
+    assert record["commit"] == "abc123" and record["args"]["smoke"] and record["datasets"] == "stand-in"
+    tr = record["train"]
+    assert record["steps"] == record["preset"]["steps"] == len(tr["train_loss"]) and not record["hard_stopped"]
+    assert tr["eval_loss"][-1] < tr["eval_loss"][0]
+    assert record["tokens"] == record["steps"] * record["preset"]["batch_size"] * record["preset"]["block_size"]
+    assert record["cache_check"]["max_abs_dnll"] < 1e-4      # the shared cache is used, not silently ignored
+    for phase in ("data", "calibration", "training", "cache_check", "icl", "baselines", "addition", "finetune", "total"):
+        assert record["phases"][phase] >= 0, phase
+
+
+def test_per_item_scores_at_every_k(record):
+    cfg = record["preset"]
+    icl = unpack_frame(record["icl"])
+    short = {"sentiment", "sentiment flipped", "sentiment abstract", "lookup"}
+    tasks = [f"linear N={N}" for N in cfg["n_features"]] + sorted(short) + ["parity"]
+    assert set(icl.task) == set(tasks) and not record["skipped"]
+    for task in tasks:
+        d = icl[icl.task == task]
+        ks = shot_counts(cfg["k_short"] if task in short else cfg["k_eval"])
+        assert sorted(d.k.unique()) == ks, task
+        # one row per (instance, seed, K, item)
+        assert len(d) == cfg["inst"] * len(cfg["seeds"]) * len(ks) * cfg["n_test"], task
+        assert not d.duplicated(["inst", "seed", "k", "item"]).any()
+    assert icl.correct.isin([0.0, 1.0]).all() and (icl.nll >= 0).all()
+    base = unpack_frame(record["baselines"])
+    for N in cfg["n_features"]:
+        for method in ("k-NN", "logistic regression"):
+            b = base[(base.task == f"linear N={N}") & (base.method == method)]
+            assert sorted(b.k.unique()) == shot_counts(cfg["k_eval"])
+            assert len(b) == cfg["inst"] * len(cfg["seeds"]) * len(shot_counts(cfg["k_eval"])) * cfg["n_test"]
+    add = {m: unpack_frame(f) for m, f in record["addition"].items()}
+    assert {"given rationales", "Unsupervised ICL"} <= set(add)
+    assert sorted(add["given rationales"].k.unique()) == shot_counts(cfg["k_add"])
+    ft = unpack_frame(record["finetune"]["rows"])
+    assert len(ft) == cfg["ft_inst"] * cfg["n_test"] and f"ICL ({cfg['k_train']} shots)" in ft.columns
+
+
+def test_gpu_preset_is_the_chapters():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("train_manyshot_mod", SCRIPT)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    nb = nbformat.read(ROOT / "nbs" / "30_manyshot.ipynb", as_version=4)
+    src = next(c.source for c in nb.cells if c.cell_type == "code" and c.source.startswith("PRESETS = {"))
+    ns = {}
+    exec(src.split("cfg = pick_scale")[0], ns)
+    assert ns["PRESETS"]["gpu"] == mod.GPU
+    mix = next(c.source for c in nb.cells if c.cell_type == "code" and c.source.startswith("MIX = "))
+    assert eval(mix.split("\n")[0].split("=", 1)[1]) == mod.MIX
