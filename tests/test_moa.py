@@ -1,0 +1,185 @@
+"""MoA (tinylab.moa): scenes and captions, the diffusers prior, the MoA attention processors (forced-prior exactness,
+untrained MoA == prior, the fused-kernel path == the reference path), the losses, one training step of MoA and of the
+baseline, save/load of the prior, and bad inputs. Everything on tiny random models."""
+import numpy as np
+import pytest
+import torch
+
+import tinylab.moa as moa
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def prior():
+    unet, te = moa.build_prior(16, (16, 32), 32, 2, seed=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():                        # break the symmetry of a fresh init (zero output convs etc.)
+        for p in unet.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    return unet.eval(), te.eval()
+
+
+@pytest.fixture(scope="module")
+def batch(prior):
+    unet, te = prior
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 16, 16, generator=g)
+    with torch.no_grad():
+        text = te(moa.encode_captions(["red object topleft day", "black circle bottomright snow"])).last_hidden_state
+    return x, torch.tensor([5, 800]), text, torch.randn(2, 1, 8, 8, generator=g)
+
+
+def perturbed_moa(unet, seed=3):
+    m = moa.MoA(unet, 32)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return m.eval()
+
+
+def test_scenes_and_captions():
+    s = moa.random_scenes(12, 16, np.random.default_rng(0))
+    assert s.images.shape == (12, 3, 16, 16) and s.ids.shape == (12, 6) and s.masks.shape == (12, 1, 16, 16)
+    assert s.images.min() >= -1 and s.images.max() <= 1
+    assert (s.masks.sum((1, 2, 3)) == 64).all()
+    assert all(c.split()[1] in (*moa.SHAPES, moa.NOUN) for c in s.captions)
+    subj = moa.random_scenes(6, 16, np.random.default_rng(0), subjects=np.random.rand(3, 8, 8) * 16)
+    assert all(c.split()[1] == moa.NOUN for c in subj.captions) and all("subject" in l for l in subj.labels)
+    img, box = moa.render_scene("day", "red", "bottomright", moa.shape_mask("square", 8), 16)
+    assert box[0, 8:, 8:].all() and box.sum() == 64
+    assert moa.quadrant_box("bottomleft", 16) == (8, 0)
+
+
+@pytest.mark.parametrize("bad,match", [
+    pytest.param(["red circle topleft"], "expected 'color noun position background'", id="three-words"),
+    pytest.param(["red dog topleft day"], "from the vocabulary", id="unknown-word"),
+])
+def test_bad_captions(bad, match):
+    with pytest.raises(ValueError, match=match):
+        moa.encode_captions(bad)
+
+
+def test_forced_prior_is_exactly_the_base(prior, batch):
+    unet, _ = prior
+    x, t, text, refs = batch
+    with torch.no_grad():
+        base = moa.prior_eps(unet, x, t, text)
+        m = perturbed_moa(unet)
+        forced = m(x, t, text, refs, force="prior")
+        free = m(x, t, text, refs)
+    assert torch.equal(forced, base)
+    assert (free - base).abs().max() > 1e-3
+    # the prior's own UNet keeps diffusers' processors
+    assert all(type(p).__name__ != "MoAAttnProcessor" for p in unet.attn_processors.values())
+
+
+def test_untrained_moa_is_the_prior(prior, batch):
+    unet, _ = prior
+    x, t, text, refs = batch
+    with torch.no_grad():
+        m = moa.MoA(unet, 32).eval()
+        for r in m.routers.values():            # any router: the experts are equal at the start
+            torch.nn.init.normal_(r.net[2].weight)
+        out = m(x, t, text, refs)
+    assert (out - moa.prior_eps(unet, x, t, text)).abs().max() < 1e-4
+
+
+def test_kernel_path_matches_reference_path(prior, batch):
+    unet, _ = prior
+    x, t, text, refs = batch
+    m = perturbed_moa(unet)
+    with torch.no_grad():
+        m.state.kernel = False
+        ref = m(x, t, text, refs, record=True)
+        maps = dict(m.state.maps)
+        m.state.kernel = True                   # the fused Triton kernel (interpreter on a CPU)
+        fused = m(x, t, text, refs)
+    assert (fused - ref).abs().max() < 1e-4
+    assert len(maps) == 8 and all(w.min() >= 0 and w.max() <= 1 for w in maps.values())
+
+
+def test_router_loss_trains_the_routers(prior, batch):
+    unet, _ = prior
+    x, t, text, refs = batch
+    m = perturbed_moa(unet)
+    m(x, t, text, refs, record=True)
+    mask = torch.zeros(2, 1, 16, 16); mask[:, :, :8, :8] = 1
+    moa.router_loss(m.state.maps, mask).backward()
+    assert all(r.net[2].weight.grad is not None and r.net[2].weight.grad.abs().sum() > 0 for r in m.routers.values())
+    assert all(p.grad is None for p in m.unet.parameters())
+
+
+def test_trainable_parameters(prior):
+    m = moa.MoA(prior[0], 32)
+    names = {n.split(".")[0] for n, p in m.named_parameters() if p.requires_grad}
+    assert names == {"experts", "routers", "image_encoder", "fusion"}
+    assert sum(p.numel() for p in m.trainable_parameters()) == sum(p.numel() for p in m.parameters() if p.requires_grad)
+
+
+def test_processor_refuses_unsupported_input(prior):
+    m = moa.MoA(prior[0], 32)
+    name = m.layer_names[0]
+    proc = m.unet.attn_processors[name + ".processor"]
+    attn = m.unet.get_submodule(name)
+    with pytest.raises(ValueError, match="3-D input"):
+        proc(attn, torch.randn(1, 32, 8, 8))
+
+
+def test_losses():
+    m = torch.zeros(2, 1, 16, 16); m[:, :, 8:, :8] = 1
+    e = torch.randn(2, 3, 16, 16)
+    e_hat = e + 3 * (1 - m)
+    assert moa.masked_diffusion_loss(e_hat, e, m) == 0
+    assert torch.isclose(moa.masked_diffusion_loss(e + 2 * m, e, m), torch.tensor(4.0))
+    assert torch.isclose(moa.router_loss({"l": torch.full((2, 64), 0.5)}, m), torch.tensor(0.25))
+    assert moa.router_loss({"l": moa.layer_mask(m, 16)}, m) == 0
+    with pytest.raises(ValueError, match="mask must be"):
+        moa.masked_diffusion_loss(e, e, m[:1])
+    with pytest.raises(ValueError, match="square"):
+        moa.layer_mask(m, 10)
+    with pytest.raises(ValueError, match="record=True"):
+        moa.router_loss({}, m)
+
+
+def test_one_step_of_each_training(prior):
+    unet, te = prior
+    ddpm, _ = moa.noise_schedulers()
+    subjects = np.random.default_rng(0).random((4, 8, 8)) * 16
+    data = moa.random_scenes(16, 16, np.random.default_rng(1), subjects=subjects)
+    m = moa.MoA(unet, 32)
+    frozen = {k: v.clone() for k, v in m.unet.state_dict().items()}
+    log = moa.train_moa(m, te, ddpm, data, subjects, steps=2, batch_size=4)
+    assert len(log) == 2 and all(np.isfinite([l["masked"], l["router"]]).all() for l in log)
+    assert all(torch.equal(frozen[k], v) for k, v in m.unet.state_dict().items())   # the prior stays frozen
+    ft = moa.FineTune(unet, 32)
+    before = next(ft.unet.parameters()).clone()
+    assert len(moa.train_finetune(ft, te, ddpm, data, subjects, steps=2, batch_size=4)) == 2
+    assert not torch.equal(before, next(ft.unet.parameters()))
+    prior_data = moa.random_scenes(16, 16, np.random.default_rng(2))
+    u2, t2 = moa.build_prior(16, (16, 32), 32, 2)
+    assert len(moa.train_prior(u2, t2, ddpm, prior_data, steps=2, batch_size=4)) == 2
+
+
+def test_sample_is_seeded_per_image(prior, batch):
+    unet, _ = prior
+    _, ddim = moa.noise_schedulers()
+    text = batch[2]
+    den = lambda x, t: moa.prior_eps(unet, x, t, text[:len(x)])
+    a = moa.sample(den, 2, 16, ddim, steps=2, seed=4)
+    b = moa.sample(den, 1, 16, ddim, steps=2, seed=4)
+    assert a.shape == (2, 3, 16, 16) and torch.allclose(a[0], b[0], atol=1e-5)
+
+
+def test_save_and_load_prior(prior, batch, tmp_path):
+    unet, te = prior
+    x, t, text, _ = batch
+    moa.save_prior(tmp_path, unet, te, {"steps": 1})
+    u2, t2, prov = moa.load_prior(tmp_path)
+    assert prov == {"steps": 1}
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    with torch.no_grad():
+        assert torch.equal(moa.prior_eps(u2, x, t, text), moa.prior_eps(unet, x, t, text))
+    with pytest.raises(FileNotFoundError, match="expected unet/"):
+        moa.load_prior(tmp_path / "missing")

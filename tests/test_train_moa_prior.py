@@ -1,0 +1,53 @@
+"""The MoA chapter's GPU scripts on their CPU --smoke paths: benchmarks/train_moa_prior.py (a few steps, then the saved
+checkpoint loads with from_pretrained and carries its provenance) and benchmarks/bench_two_expert_attention.py (tiny
+shapes through the Triton interpreter, every implementation checked, JSON with device, versions, date and args)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import tinylab.moa as moa
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run(script, *args):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
+                         env=ENV, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+def test_train_moa_prior_smoke(tmp_path):
+    folder = tmp_path / "moa_prior"
+    log = run("train_moa_prior.py", "--smoke", "--out", str(folder))
+    assert "saved" in log
+    unet, te, prov = moa.load_prior(folder)
+    for key in ("commit", "script", "args", "steps", "final_loss", "device", "date", "torch"):
+        assert key in prov, key
+    assert prov["script"] == "benchmarks/train_moa_prior.py" and prov["steps"] == 3 and prov["args"]["smoke"]
+    assert (folder / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    assert (folder / "text_encoder" / "model.safetensors").exists()
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert size < 8e6, size                                  # a small checkpoint
+    with torch.no_grad():                                    # it runs as the chapter uses it
+        ctx = te(moa.encode_captions(["red object topleft day"])).last_hidden_state
+        assert moa.prior_eps(unet, torch.randn(1, 3, 16, 16), torch.tensor([3]), ctx).shape == (1, 3, 16, 16)
+    # resuming continues the step count
+    run("train_moa_prior.py", "--smoke", "--resume", "--out", str(folder))
+    assert moa.load_prior(folder)[2]["steps"] == 6
+
+
+def test_bench_two_expert_attention_smoke(tmp_path):
+    out = tmp_path / "tea.json"
+    run("bench_two_expert_attention.py", "--smoke", "--out", str(out))
+    rec = json.loads(out.read_text())
+    for key in ("device", "torch", "triton", "date", "args", "rows", "checks", "summary"):
+        assert key in rec, key
+    assert rec["checks"] and all(c["ok"] for c in rec["checks"])
+    impls = {r["impl"] for r in rec["rows"]}
+    assert {"fused (mixed)", "fused (split)", "2 x SDPA + mix", "2 x SDPA + split mix", "1 SDPA"} <= impls
