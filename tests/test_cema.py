@@ -6,22 +6,9 @@ import pytest
 import torch
 
 from tinylab.kernels.cema import cema, cema_fft, cema_ref
+from kernel_asserts import assert_close
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float64: 1e-10}
-
-
-def assert_close(name, ref, out, ratio):
-    "Max-abs error relative to the reference's largest entry (complex: over re and im)."
-    ref, out = torch.as_tensor(ref), torch.as_tensor(out)
-    if ref.is_complex():
-        ref, out = torch.view_as_real(ref), torch.view_as_real(out.to(ref.dtype))
-    ref, out = ref.double(), out.double()
-    err = (ref - out).abs().max().item()
-    rel = err / max(ref.abs().max().item(), 1e-12)
-    rms = ((ref - out).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-12)).item()
-    print(f"{name}: max-abs {err:.2e}, max-rel {rel:.2e}, rel-rms {rms:.2e}")
-    assert not torch.isnan(out).any(), f"{name}: NaN in output (an element was never written)"
-    assert rel <= ratio, f"{name}: max-rel error {rel:.2e} > {ratio:.0e}"
 
 
 def make(B, T, D, N, dtype=torch.float32, seed=0, h0=True):

@@ -5,19 +5,10 @@ import pytest
 import torch
 
 import tinylab.kernels.logprob_gather as lg
+from kernel_asserts import assert_close
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def assert_close(name, ref, out, ratio):
-    "Max-abs error relative to max |ref|, printed with the relative RMS error."
-    ref, out = ref.double(), out.double()
-    err = (out - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30)
-    rms = ((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
-    print(f"{name}: max rel {err:.2e}, rms rel {rms:.2e}")
-    assert torch.isfinite(out).all(), f"{name}: non-finite values"
-    assert err <= ratio, f"{name}: max rel error {err:.2e} > {ratio:.0e}"
 
 
 def inputs(shape, dtype, seed=0, scale=3.0):

@@ -4,17 +4,9 @@ import pytest
 import torch
 
 from tinylab.kernels.timestep_norm import timestep_norm, timestep_norm_ref
+from kernel_asserts import assert_close
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
-
-
-def assert_close(name, ref, out, ratio):
-    ref, out = torch.as_tensor(ref).double(), torch.as_tensor(out).double()
-    err = (ref - out).abs().max().item()
-    rel = err / max(ref.abs().max().item(), 1e-12)
-    print(f"{name}: max-abs {err:.2e}, max-rel {rel:.2e}")
-    assert not torch.isnan(out).any(), f"{name}: NaN in output (an element was never written)"
-    assert rel <= ratio, f"{name}: max-rel error {rel:.2e} > {ratio:.0e}"
 
 
 def make(B, T, D, G, dtype=torch.float32, seed=0, prior=True):
