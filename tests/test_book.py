@@ -83,3 +83,12 @@ def test_import_cells_are_folded():
     assert is_setup("import os\nos.environ.setdefault('TRITON_INTERPRET', '1')")
     assert not is_setup("import torch\nx = torch.zeros(3)")
     assert not is_setup("#| export\n")
+
+
+def test_every_bibliography_file_parses():
+    "A syntax error in one .bib file stops the whole book build: catch it here, in a second."
+    import pybtex.database
+    import yaml
+    config = yaml.safe_load((ROOT / "book" / "_config.yml").read_text())
+    for name in config["bibtex_bibfiles"]:
+        pybtex.database.parse_file(ROOT / "book" / name, "bibtex")
