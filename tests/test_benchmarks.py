@@ -43,3 +43,16 @@ def test_triforce_kernel_benchmark_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["sdpa_mask"] == "causal_lower_right" and all(r["sdpa_backend"] for r in result["rows"])
+
+
+def test_rvq_search_benchmark_smoke(tmp_path):
+    "The RVQ search benchmark's --smoke path: every implementation checked against float64 before it is timed, a summary row."
+    out = tmp_path / "rvq.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "benchmarks/bench_rvq_search.py", "--smoke", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["all_checks_passed"] and not result["errors"]
+    assert {"kernel tf32", "kernel ieee", "addmm + argmin TF32"} <= {r["impl"] for r in result["rows"]}
+    assert all(r["ms"] > 0 for r in result["rows"]) and result["summary"]
