@@ -1,0 +1,189 @@
+"""Train and evaluate the COMBO chapter's models (nbs/42_combo.ipynb) at `gpu` scale, in one command of at most
+about 9 minutes: the state estimator, the world model's single-agent stage, its composed fine-tune with and without
+the agent-dependent loss scaling, and the joint baseline (all on teams of one and two agents); then prediction
+accuracy for teams of one to four agents, and the four planners (random, greedy, COMBO, oracle) on --episodes
+episodes per team size with the paper's 3 x 3 x 3 tree search and 10 DDIM steps.
+
+Writes flat files into --out (no sub-folders: the GPU machine's transfer drops nested folders): combo_h200.json
+(device, versions, date, commit, args, per-item results) and the scaled world model and the estimator (unet.json +
+unet.safetensors, tokens.safetensors, estimator.json + estimator.safetensors, provenance.json).
+
+GPU:   PYTHONPATH=. python3 benchmarks/train_combo.py --out $OUT/combo_h200
+CPU:   PYTHONPATH=. python3 benchmarks/train_combo.py --smoke --out /tmp/combo_smoke"""
+import argparse
+import copy
+import datetime
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+T0 = time.perf_counter()
+
+
+def commit() -> str:
+    if os.environ.get("TINYLAB_COMMIT"):
+        return os.environ["TINYLAB_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        return out.stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def log(*a):
+    print(f"[{time.perf_counter() - T0:6.1f} s]", *a, flush=True)
+
+
+def steps_within(fn, steps: int, seconds: float, probe: int = 20):
+    "Run fn(n) once with n = probe steps to time it, then the rest of `steps` that fit in `seconds` (at least probe)."
+    t = time.perf_counter()
+    out = fn(min(probe, steps), first=True)
+    per = (time.perf_counter() - t) / min(probe, steps)
+    rest = max(0, min(steps - probe, int((seconds - (time.perf_counter() - t)) / max(per, 1e-6))))
+    if rest > 0:
+        out = out + fn(rest, first=False)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="book/results/combo_h200")
+    p.add_argument("--episodes", type=int, default=30, help="planning episodes per team size")
+    p.add_argument("--agents", type=int, nargs="+", default=[2, 3, 4])
+    p.add_argument("--max-steps", type=int, default=20)
+    p.add_argument("--train-episodes", type=int, default=1500, help="expert episodes per team size (1 and 2) for the world model")
+    p.add_argument("--channels", type=int, nargs=2, default=(32, 64))
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--est-steps", type=int, default=3000)
+    p.add_argument("--single-steps", type=int, default=6000)
+    p.add_argument("--ft-steps", type=int, default=1500)
+    p.add_argument("--n-test", type=int, default=256)
+    p.add_argument("--weight", type=float, default=5.0)
+    p.add_argument("--ddim-steps", type=int, default=10)
+    p.add_argument("--tree", type=int, nargs=3, default=(3, 3, 3))
+    p.add_argument("--budget", type=float, default=420.0, help="seconds; the training phases get fixed shares of it (the joint model as many steps as the composed one)")
+    p.add_argument("--workers", type=int, default=12, help="processes for the planners' scripted parts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (for the tests)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.episodes, args.agents, args.max_steps, args.train_episodes = 1, [2, 3], 3, 6
+        args.channels, args.batch, args.est_steps, args.single_steps, args.ft_steps = (16, 32), 8, 3, 4, 2
+        args.n_test, args.ddim_steps, args.tree, args.budget, args.workers = 4, 2, (2, 2, 2), 120.0, 0
+    import tinylab.combo as C
+    pool = mp.get_context("fork").Pool(args.workers) if args.workers > 0 else None   # before CUDA is touched
+    mapper = (lambda f, *its: pool.starmap(f, zip(*its), chunksize=8)) if pool else map
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    share = dict(est=0.10, single=0.20, ft=0.06)          # of the budget; the plain fine-tune and the joint model match steps
+
+    train = {k: C.rollouts(args.train_episodes, k, rng) for k in (1, 2)}
+    est_data = [C.rollouts(max(args.train_episodes // 4, 2), k, rng, max_steps=10) for k in (1, 2, 3, 4)]
+    frames = torch.cat([d.cur for d in est_data]); agents = [a.numpy() for d in est_data for a in d.agents]
+    test = {k: C.rollouts(max(args.n_test // 4, 2), k, np.random.default_rng(args.seed + 1000 + k)) for k in (1, 2, 3, 4)}
+    for d in list(train.values()):
+        for f in ("cur", "nxt"):
+            setattr(d, f, getattr(d, f).to(device))
+    log(f"{device}: data {[len(d) for d in train.values()]} world-model transitions, {len(frames)} estimator frames")
+
+    lr, ft_lr, B = 2e-3, 5e-4, args.batch
+    info = {}
+
+    est = C.StateEstimator(tuple(args.channels), seed=args.seed).to(device)
+    l_est = steps_within(lambda n, first: C.train_estimator(est, frames, agents, n, B, lr * (0.1 if first else 1), seed=args.seed + (0 if first else 1)),
+                         args.est_steps, share["est"] * args.budget)
+    info["estimator"] = dict(steps=len(l_est), final_loss=float(np.mean(l_est[-50:])))
+    log("estimator", info["estimator"])
+
+    wm = C.WorldModel(tuple(args.channels), seed=args.seed).to(device)
+    l_single = steps_within(lambda n, first: C.train_single(wm, [train[1], train[2]], n, B, lr * (0.1 if first else 1), seed=args.seed + (0 if first else 1)),
+                            args.single_steps, share["single"] * args.budget)
+    info["single"] = dict(steps=len(l_single), final_loss=float(np.mean(l_single[-50:])))
+    log("single", info["single"])
+    wm_scaled, wm_plain = copy.deepcopy(wm), copy.deepcopy(wm)
+    l_sc = steps_within(lambda n, first: C.finetune_composed(wm_scaled, train[2], n, B, ft_lr, scaled=True, seed=args.seed + 2 + first),
+                        args.ft_steps, share["ft"] * args.budget)
+    n_ft = len(l_sc)
+    l_pl = C.finetune_composed(wm_plain, train[2], n_ft, B, ft_lr, scaled=False, seed=args.seed + 2 + 1)  # same steps, same batches
+    info["finetune"] = dict(steps=n_ft, final_loss_scaled=float(np.mean(l_sc[-50:])), final_loss_plain=float(np.mean(l_pl[-50:])))
+    log("finetune", info["finetune"])
+    wm_joint = C.WorldModel(tuple(args.channels), seed=args.seed).to(device)
+    l_joint = C.train_joint(wm_joint, [train[1], train[2]], len(l_single) + n_ft, B, lr, seed=args.seed)
+    info["joint"] = dict(steps=len(l_joint), final_loss=float(np.mean(l_joint[-50:])))
+    log("joint", info["joint"])
+
+    prov = dict(script="benchmarks/train_combo.py", commit=commit(), args=vars(args),
+                steps=dict(estimator=len(l_est), single=len(l_single), finetune=n_ft),
+                device=torch.cuda.get_device_name() if device.type == "cuda" else "CPU", torch=torch.__version__,
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), losses=info)
+    try:
+        import diffusers
+        prov["diffusers"] = diffusers.__version__
+    except ImportError:
+        pass
+    C.save_models(args.out, copy.deepcopy(wm_scaled).cpu(), copy.deepcopy(est).cpu(), prov)   # flat files beside the JSON
+
+    names = {"composed, single-agent stage only": (wm, False), "composed + fine-tune with C_i": (wm_scaled, False),
+             "composed + fine-tune, C_i = 1": (wm_plain, False), "joint (baseline)": (wm_joint, True)}
+    prediction = {}
+    for name, (m, joint) in names.items():
+        prediction[name] = {}
+        for k in (1, 2, 3, 4):
+            r = C.prediction_accuracy(m, test[k], args.n_test, args.weight, args.ddim_steps, joint=joint, seed=args.seed)
+            prediction[name][k] = dict(exact=r["exact"].tolist(), objects=r["objects"].tolist())
+        log("prediction", name, {k: round(float(np.mean(v["exact"])), 3) for k, v in prediction[name].items()})
+
+    sweep = {}                                                   # the guidance weight: the paper's 5, and two smaller
+    for w in (1.0, 2.0):
+        sweep[w] = {name: {k: float(C.prediction_accuracy(m, test[k], args.n_test, w, args.ddim_steps, joint=joint, seed=args.seed)["exact"].mean())
+                           for k in (1, 2, 3, 4)} for name, (m, joint) in names.items() if name in ("composed + fine-tune with C_i", "joint (baseline)")}
+        log("weight", w, sweep[w])
+    info["weight_sweep"] = sweep
+
+    n_prop, n_beam, n_hor = args.tree
+    planners = {"random": C.Planner("random", seed=args.seed),
+                "greedy": C.Planner("greedy", est=est, ddim_steps=args.ddim_steps, seed=args.seed),
+                "COMBO": C.Planner("combo", wm=wm_scaled, est=est, weight=args.weight, ddim_steps=args.ddim_steps,
+                                   n_propose=n_prop, beam=n_beam, horizon=n_hor, seed=args.seed, mapper=mapper),
+                "oracle": C.Planner("oracle", n_propose=n_prop, beam=n_beam, horizon=n_hor, seed=args.seed, mapper=mapper)}
+    planning = {}
+    for k in args.agents:
+        planning[k] = {}
+        for name, pl in planners.items():
+            r = C.run_episodes(pl, k, args.episodes, args.max_steps, seed=args.seed + 10 * k)
+            planning[k][name] = {key: v.tolist() for key, v in r.items()}
+            log(f"planning {k} agents, {name}: success {np.mean(r['success']):.2f}, steps {np.mean(r['steps']):.1f}")
+        # keep what is done, in case the command is cut short
+        write(args, prov, info, prediction, planning)
+    write(args, prov, info, prediction, planning)
+    if pool:
+        pool.close()
+    log("done")
+
+
+def write(args, prov, info, prediction, planning):
+    rec = dict(chapter="combo", device=prov["device"], torch=prov["torch"], diffusers=prov.get("diffusers"),
+               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), commit=prov["commit"],
+               args=vars(args), training=info, seconds=round(time.perf_counter() - T0, 1),
+               prediction={n: {str(k): v for k, v in r.items()} for n, r in prediction.items()},
+               planning={str(k): v for k, v in planning.items()})
+    try:
+        import triton
+        rec["triton"] = triton.__version__
+    except ImportError:
+        pass
+    with open(os.path.join(args.out, "combo_h200.json"), "w") as f:
+        json.dump(rec, f)
+
+
+if __name__ == "__main__":
+    main()
