@@ -1,8 +1,10 @@
 """Train and evaluate the COMBO chapter's models (nbs/42_combo.ipynb) at `gpu` scale, in one command of at most
 about 9 minutes: the state estimator, the world model's single-agent stage, its composed fine-tune with and without
 the agent-dependent loss scaling, and the joint baseline (all on teams of one and two agents); then prediction
-accuracy for teams of one to four agents, and the four planners (random, greedy, COMBO, oracle) on --episodes
-episodes per team size with the paper's 3 x 3 x 3 tree search and 10 DDIM steps.
+accuracy for teams of one to four agents (the guidance weight w = 5, a sweep over w = 1, 2 and 1/K, the composition
+the fine-tune trains), the state estimator's accuracy on the cells an agent does not see, and the five planners
+(random, greedy, search-est: the tree search on the estimated state with the true simulator, COMBO, oracle) on
+--episodes episodes per team size with the paper's 3 x 3 x 3 tree search and 10 DDIM steps.
 
 Writes flat files into --out (no sub-folders: the GPU machine's transfer drops nested folders): combo_h200.json
 (device, versions, date, commit, args, per-item results) and the scaled world model and the estimator (unet.json +
@@ -147,11 +149,20 @@ def main(argv=None):
         sweep[w] = {name: {k: float(C.prediction_accuracy(m, test[k], args.n_test, w, args.ddim_steps, joint=joint, seed=args.seed)["exact"].mean())
                            for k in (1, 2, 3, 4)} for name, (m, joint) in names.items() if name in ("composed + fine-tune with C_i", "joint (baseline)")}
         log("weight", w, sweep[w])
+    # w = 1/K: eps_0 + (1/K) sum_i (eps_i - eps_0) = mean_i eps_i, the composition the fine-tune's loss trains
+    sweep["1/K"] = {name: {k: float(C.prediction_accuracy(names[name][0], test[k], args.n_test, 1 / k, args.ddim_steps, seed=args.seed)["exact"].mean())
+                           for k in (1, 2, 3, 4)} for name in ("composed + fine-tune with C_i", "composed + fine-tune, C_i = 1")}
+    log("weight 1/K", sweep["1/K"])
     info["weight_sweep"] = sweep
+    estimation = C.estimation_accuracy(est, test, max(args.n_test // 4, 2), args.ddim_steps, seed=args.seed)
+    log("estimation", estimation)
+    test_episodes = {k: test[k].episode[:args.n_test].tolist() for k in (1, 2, 3, 4)}
 
     n_prop, n_beam, n_hor = args.tree
     planners = {"random": C.Planner("random", seed=args.seed),
                 "greedy": C.Planner("greedy", est=est, ddim_steps=args.ddim_steps, seed=args.seed),
+                "search-est": C.Planner("search-est", est=est, ddim_steps=args.ddim_steps, n_propose=n_prop, beam=n_beam,
+                                        horizon=n_hor, seed=args.seed, mapper=mapper),
                 "COMBO": C.Planner("combo", wm=wm_scaled, est=est, weight=args.weight, ddim_steps=args.ddim_steps,
                                    n_propose=n_prop, beam=n_beam, horizon=n_hor, seed=args.seed, mapper=mapper),
                 "oracle": C.Planner("oracle", n_propose=n_prop, beam=n_beam, horizon=n_hor, seed=args.seed, mapper=mapper)}
@@ -163,18 +174,21 @@ def main(argv=None):
             planning[k][name] = {key: v.tolist() for key, v in r.items()}
             log(f"planning {k} agents, {name}: success {np.mean(r['success']):.2f}, steps {np.mean(r['steps']):.1f}")
         # keep what is done, in case the command is cut short
-        write(args, prov, info, prediction, planning)
-    write(args, prov, info, prediction, planning)
+        write(args, prov, info, prediction, planning, estimation, test_episodes)
+    write(args, prov, info, prediction, planning, estimation, test_episodes)
     if pool:
         pool.close()
     log("done")
 
 
-def write(args, prov, info, prediction, planning):
+def write(args, prov, info, prediction, planning, estimation, test_episodes):
     rec = dict(chapter="combo", device=prov["device"], torch=prov["torch"], diffusers=prov.get("diffusers"),
                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), commit=prov["commit"],
                args=vars(args), training=info, seconds=round(time.perf_counter() - T0, 1),
+               sampler="per-team indices",   # train_single/train_joint draw each team size's indices over its own length
                prediction={n: {str(k): v for k, v in r.items()} for n, r in prediction.items()},
+               estimation={str(k): v for k, v in estimation.items()},
+               test_episodes={str(k): v for k, v in test_episodes.items()},
                planning={str(k): v for k, v in planning.items()})
     try:
         import triton

@@ -152,6 +152,17 @@ def test_composed_loss_with_scaling():
         C.composed_loss(eps_i[0], noise)
 
 
+def test_every_transition_of_every_team_size_can_be_drawn():
+    rng = np.random.default_rng(0)
+    data = [C.rollouts(2, 1, rng), C.rollouts(3, 2, rng), C.rollouts(2, 3, rng), C.rollouts(1, 4, rng)]
+    assert len(set(map(len, data))) == len(data)              # different lengths, so a shared index range would miss some
+    seen = [set() for _ in data]
+    for s, (d, idx) in enumerate(C._team_batches(data, 400, 16, torch.Generator().manual_seed(0))):
+        assert d is data[s % len(data)] and int(idx.max()) < len(d)
+        seen[s % len(data)].update(idx.tolist())
+    assert [len(x) for x in seen] == [len(d) for d in data]
+
+
 def test_training_steps_run():
     rng = np.random.default_rng(0)
     d1, d2 = C.rollouts(2, 1, rng), C.rollouts(2, 2, rng)
@@ -193,6 +204,22 @@ def test_planners_and_episodes():
         C.Planner("greedy")
     with pytest.raises(ValueError, match="needs a world model"):
         C.Planner("combo", est=est)
+    se = C.Planner("search-est", est=est, ddim_steps=1, n_propose=2, beam=2, horizon=2)
+    out = C.run_episodes(se, 2, 1, max_steps=1, seed=0)
+    assert out["steps"].tolist() == [1.0] and se.stats["expansions"] == [[2.0, 4.0]]
+    with pytest.raises(ValueError, match="needs a state estimator"):
+        C.Planner("search-est")
+
+
+def test_episode_ids_and_bootstrap():
+    d = C.rollouts(3, 2, np.random.default_rng(0))
+    assert d.episode.tolist() == sorted(d.episode.tolist()) and d.episode.max().item() == 2
+    short = C.rollouts(3, 2, np.random.default_rng(0), max_transitions=1)
+    assert torch.equal(short.cur, d.cur[:len(short)]) and short.episode.max().item() == 0
+    iv = C.episode_bootstrap([1, 1, 1, 0, 0, 0], [0] * 6, [0, 0, 0, 1, 1, 1])
+    assert (iv.estimate, iv.low, iv.high) == (0.5, 0.0, 1.0)
+    with pytest.raises(ValueError, match="one length"):
+        C.episode_bootstrap([1, 0], [0, 0], [0])
 
 
 def test_estimator_keeps_what_is_seen_and_checkpoint_roundtrip(tmp_path):
@@ -224,7 +251,10 @@ def test_train_combo_smoke(tmp_path):
     rec = json.loads((tmp_path / "combo_h200.json").read_text())
     for key in ("device", "date", "torch", "commit", "args", "prediction", "planning"):
         assert key in rec
-    assert set(rec["planning"]["2"]) == {"random", "greedy", "COMBO", "oracle"}
+    assert set(rec["planning"]["2"]) == {"random", "greedy", "search-est", "COMBO", "oracle"}
+    assert rec["sampler"] == "per-team indices" and set(rec["estimation"]) == {"1", "2", "3", "4"}
+    assert "1/K" in rec["training"]["weight_sweep"]
+    assert all(len(rec["test_episodes"][k]) == len(rec["prediction"]["joint (baseline)"][k]["exact"]) for k in ("1", "2", "3", "4"))
     assert "joint (baseline)" in rec["prediction"] and set(rec["prediction"]["joint (baseline)"]) == {"1", "2", "3", "4"}
     wm, est, prov = C.load_models(tmp_path)
     for key in ("commit", "script", "args", "steps", "device", "date"):

@@ -24,7 +24,7 @@ __all__ = ['GRID', 'CELL', 'SIZE', 'FLOOR', 'WALL', 'GOAL', 'BOX', 'AGENT0', 'N_
            'diffusion_batch', 'compose_eps', 'presence_masks', 'ddim_step_ref', 'influence_scale', 'train_single',
            'train_joint', 'joint_tokens', 'composed_loss', 'finetune_composed', 'imagine', 'StateEstimator', 'views',
            'train_estimator', 'Problem', 'tree_search', 'estimate_worlds', 'snap', 'Planner', 'run_episodes',
-           'save_models', 'load_models', 'prediction_accuracy', 'wilson']
+           'save_models', 'load_models', 'prediction_accuracy', 'wilson', 'estimation_accuracy', 'episode_bootstrap']
 
 # %% ../nbs/42_combo.ipynb #combo-010
 # The world: an 8 x 8 grid (walls on the border, a 6 x 6 interior), K coloured agents, boxes, a goal row.
@@ -282,34 +282,39 @@ def expert_actions(world: World, rng: np.random.Generator | None = None, eps: fl
 # %% ../nbs/42_combo.ipynb #combo-028
 @dataclass
 class Transitions:
-    "Frames before and after a joint action: cur, nxt (N, 3, SIZE, SIZE); colors, actions, agents (N, K), (N, K), (N, K, 2)."
+    """Frames before and after a joint action: cur, nxt (N, 3, SIZE, SIZE); colors, actions, agents (N, K), (N, K),
+    (N, K, 2); episode (N,) the episode each transition comes from (to resample by episode), or None."""
     cur: torch.Tensor
     nxt: torch.Tensor
     colors: torch.Tensor
     actions: torch.Tensor
     agents: torch.Tensor
+    episode: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.cur)
 
 def rollouts(n_episodes: int, n_agents: int, rng: np.random.Generator, eps: float = 0.3,
-             max_steps: int = 20) -> Transitions:
+             max_steps: int = 20, max_transitions: int | None = None) -> Transitions:
     """Transitions of the scripted expert (random actions with probability `eps`) in random worlds of `n_agents`
-    agents (random colours) and as many boxes, until the boxes are delivered or `max_steps`."""
-    cur, nxt, cols, acts, ags = [], [], [], [], []
-    for _ in range(n_episodes):
+    agents (random colours) and as many boxes, until the boxes are delivered or `max_steps`; episodes stop being
+    started once `max_transitions` are collected (the first ones are the same as without it)."""
+    cur, nxt, cols, acts, ags, eps_id = [], [], [], [], [], []
+    for e in range(n_episodes):
+        if max_transitions is not None and len(cur) >= max_transitions:
+            break
         w = random_world(n_agents, n_agents, rng)
         f = render(w)
         for _ in range(max_steps):
             a = expert_actions(w, rng, eps)
             w2 = step(w, a)
             f2 = render(w2)
-            cur.append(f); nxt.append(f2); cols.append(w.colors); acts.append(a); ags.append(w.agents)
+            cur.append(f); nxt.append(f2); cols.append(w.colors); acts.append(a); ags.append(w.agents); eps_id.append(e)
             w, f = w2, f2
             if w.done:
                 break
     return Transitions(torch.stack(cur), torch.stack(nxt), torch.as_tensor(np.stack(cols)), torch.as_tensor(np.stack(acts)),
-                       torch.as_tensor(np.stack(ags)))
+                       torch.as_tensor(np.stack(ags)), torch.as_tensor(eps_id))
 
 # %% ../nbs/42_combo.ipynb #combo-031
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel, UNet2DModel
@@ -423,8 +428,16 @@ def influence_scale(agents: torch.Tensor, radius: int = 2, factor: float = 2.0) 
     return scale.permute(1, 0, 2, 3)[:, :, None]
 
 def _batches(data: Transitions, steps: int, batch: int, gen: torch.Generator, progress=None):
+    "`steps` batches of `batch` random indices into one set of transitions."
     for _ in (progress(range(steps)) if progress else range(steps)):
         yield torch.randint(0, len(data), (batch,), generator=gen)
+
+def _team_batches(data: list[Transitions], steps: int, batch: int, gen: torch.Generator, progress=None):
+    """`steps` (transitions, indices) pairs: batch s comes from data[s % len(data)] (the team sizes in turn), its
+    indices drawn over that set's own length, so every transition of every team size can be drawn."""
+    for s in (progress(range(steps)) if progress else range(steps)):
+        d = data[s % len(data)]
+        yield d, torch.randint(0, len(d), (batch,), generator=gen)
 
 def train_single(wm: WorldModel, data: list[Transitions], steps: int, batch: int = 64, lr: float = 2e-3,
                  p_null: float = 0.1, seed: int = 0, progress=None) -> list[float]:
@@ -435,9 +448,7 @@ def train_single(wm: WorldModel, data: list[Transitions], steps: int, batch: int
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     gen, losses, dev = torch.Generator().manual_seed(seed), [], next(wm.parameters()).device
     wm.train()
-    for s, idx in enumerate(_batches(data[0], steps, batch, gen, progress)):
-        d = data[s % len(data)]
-        idx = idx % len(d)
+    for d, idx in _team_batches(data, steps, batch, gen, progress):
         pick = torch.randint(0, d.colors.shape[1], (batch,), generator=gen)
         col, act = d.colors[idx, pick], d.actions[idx, pick]
         null = torch.rand(batch, generator=gen) < p_null
@@ -458,9 +469,7 @@ def train_joint(wm: WorldModel, data: list[Transitions], steps: int, batch: int 
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     gen, losses, dev = torch.Generator().manual_seed(seed), [], next(wm.parameters()).device
     wm.train()
-    for s, idx in enumerate(_batches(data[0], steps, batch, gen, progress)):
-        d = data[s % len(data)]
-        idx = idx % len(d)
+    for d, idx in _team_batches(data, steps, batch, gen, progress):
         col, act = joint_tokens(d.colors[idx], d.actions[idx], max_agents)
         null = (torch.rand(batch, generator=gen) < p_null)[:, None]
         col, act = torch.where(null, NULL_COLOR, col), torch.where(null, NULL_ACTION, act)
@@ -536,7 +545,8 @@ def imagine(wm: WorldModel, cur: torch.Tensor, colors: torch.Tensor, actions: to
     """The world model's next frames (M, 3, S, S) for current frames cur (M, 3, S, S) and joint actions (M, K) of
     agents with colours (M, K): the sampled change, applied to cur. Compositional (default): each DDIM step runs the UNet on K+1 conditions in one batch,
     eps_0 (null token) and eps_i (agent i's action alone), and takes `composed_ddim_step` with weight w and masks m_i.
-    joint=True: the baseline model, one condition holding every agent's token (classifier-free guidance with w)."""
+    joint=True: the baseline model, one condition holding every agent's token, sampled with classifier-free guidance
+    (eps_0 + w (eps_cond - eps_0): the conditional prediction pushed away from the unconditional one by w)."""
     M, K = actions.shape
     dev = cur.device
     ddim = wm.ddim
@@ -676,9 +686,11 @@ def snap(frames: torch.Tensor, colors: list[np.ndarray]) -> list[torch.Tensor]:
 
 @dataclass
 class Planner:
-    """The four planners of the chapter. `kind`: "random" (uniform actions), "greedy" (the proposer's first action on
+    """The five planners of the chapter. `kind`: "random" (uniform actions), "greedy" (the proposer's first action on
     the agent's estimated state; no lookahead), "combo" (tree search over rollouts imagined by the compositional world
-    model from the agent's estimated state), "oracle" (the same tree search on the true simulator and true state)."""
+    model from the agent's estimated state), "search-est" (the same tree search from the estimated state, stepped by
+    the true simulator: it separates the estimator's errors from the world model's), "oracle" (the same tree search
+    on the true simulator and true state)."""
     kind: str
     wm: WorldModel | None = None
     est: StateEstimator | None = None
@@ -693,9 +705,9 @@ class Planner:
     stats: dict = field(default_factory=lambda: dict(expansions=[], calls=0))
 
     def __post_init__(self):
-        if self.kind not in ("random", "greedy", "combo", "oracle"):
-            raise ValueError(f"kind must be random, greedy, combo or oracle, got {self.kind!r}")
-        if self.kind in ("greedy", "combo") and self.est is None:
+        if self.kind not in ("random", "greedy", "combo", "search-est", "oracle"):
+            raise ValueError(f"kind must be random, greedy, combo, search-est or oracle, got {self.kind!r}")
+        if self.kind in ("greedy", "combo", "search-est") and self.est is None:
             raise ValueError(f"{self.kind} needs a state estimator (est)")
         if self.kind == "combo" and self.wm is None:
             raise ValueError("combo needs a world model (wm)")
@@ -724,6 +736,10 @@ class Planner:
             if self.kind == "greedy":
                 chosen = [rank_actions(w, i)[0] for w, (_, i) in zip(ests, who)]
                 ex = []
+            elif self.kind == "search-est":                                # the estimated World, the true rules
+                problems = [Problem(w, i, w.colors) for w, (_, i) in zip(ests, who)]
+                chosen, ex = tree_search(problems, lambda n, j, p: [step(w, a) for w, a in zip(n, j)], lambda n, c: n,
+                                         self.n_propose, self.beam, self.horizon, self.mapper)
             else:
                 problems = [Problem(f, i, worlds[e].colors) for f, (e, i) in zip(frames, who)]
                 colors = [p.colors for p in problems]
@@ -813,3 +829,35 @@ def wilson(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return (min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)))  # p inside, despite rounding at 0 and 1
+@torch.no_grad()
+def estimation_accuracy(est: StateEstimator, data: dict, n: int, steps: int = 10, seed: int = 0) -> dict:
+    """Per team size k (data: {k: Transitions}): the fraction of the interior cells an agent does not see that its
+    estimate (from the first n frames' views, every agent) reads right, `estimator`, and the fraction that are floor
+    (what filling them with the most common cell type scores), `floor`."""
+    rows = {}
+    for k, d in data.items():
+        worlds = [read_world(f, c.numpy()) for f, c in zip(d.cur[:n], d.colors[:n])]
+        v, m, who = views(worlds)
+        guess = parse(est.estimate(v, m, steps, seed=seed).cpu())
+        truth = np.stack([worlds[e].grid() for e, _ in who])
+        hidden = F.avg_pool2d(m, CELL)[:, 0].numpy() == 0                     # (N, GRID, GRID): cells not seen
+        hidden[:, [0, -1], :] = False; hidden[:, :, [0, -1]] = False         # walls are known
+        rows[k] = dict(estimator=float(((guess == truth) & hidden).sum() / hidden.sum()),
+                       floor=float(((truth == FLOOR) & hidden).sum() / hidden.sum()))
+    return rows
+
+def episode_bootstrap(a, b, episodes, *, level: float = 0.95, n_boot: int = 10_000, seed: int = 0):
+    """Interval of mean(a - b) over paired items, resampling whole episodes (`episodes[i]`: item i's episode id), since
+    the transitions of one episode are alike: the mean over the items of the resampled episodes."""
+    from tinylab.core import Interval
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    ep = np.asarray(episodes)
+    if d.ndim != 1 or d.size == 0 or ep.shape != d.shape:
+        raise ValueError(f"a, b and episodes must be 1-D and of one length > 0, got {np.shape(a)}, {np.shape(b)}, {np.shape(episodes)}")
+    ids, inv = np.unique(ep, return_inverse=True)
+    sums, counts = np.bincount(inv, d), np.bincount(inv).astype(np.float64)   # per episode
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(ids), (n_boot, len(ids)))
+    means = sums[pick].sum(1) / counts[pick].sum(1)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return Interval(float(d.mean()), float(low), float(high), f"bootstrap over {len(ids)} episodes ({d.size} items)", level)
