@@ -1,7 +1,8 @@
 """Melodist (tinylab.melodist): the song synthesis (a synthesised note's F0, scores, accompaniments, prompts, score
-frames), the codec (shapes, round trip, greedy residual search), the judges, the InfoNCE loss (a hand-computed
-case) and the towers, the multi-scale transformer (shapes, causality over frames and codebooks, generation), one
-training step of each part, and bad inputs. Everything on tiny models."""
+frames), the codec (shapes, round trip, greedy residual search, the rvq_search tokeniser against ResidualVQ's own
+indices), the judges, the InfoNCE loss (a hand-computed case) and the towers, the multi-scale transformer (shapes,
+causality over frames and codebooks, generation), one training step of each part, and bad inputs. Everything on
+tiny models."""
 import json
 import math
 
@@ -87,6 +88,10 @@ def test_codec_round_trip_and_search(codec):
         k = ((r[:, None] - cb[None]) ** 2).sum(-1).argmin(1)
         ref.append(k); r = r - cb[k]
     assert (torch.stack(ref, 1) == codes.reshape(-1, 3)).float().mean() > 0.99
+    # the tokeniser (rvq_search on the layer's codebooks) gives the ResidualVQ layer's own indices
+    own = c.rvq_codes(x)
+    assert own.shape == codes.shape and (own == codes).float().mean() > 0.99
+    assert torch.equal(c.encode(x, backend="torch"), codes)
     assert 0 <= mel.codec_error(c, x) < 10
     with pytest.raises(ValueError, match="multiple of 2"):
         c.encode(x[..., :99])

@@ -80,6 +80,7 @@ def random_score(attrs: dict, rng: np.random.Generator, clip_s: float = CLIP_S) 
         deg = 2 if len(notes) == 1 else int(np.clip(deg + rng.choice([-2, -1, 1, 2]), -3, 6))
     return notes
 
+# %% ../nbs/41_melodist.ipynb #melodist-010b
 def _formant_gain(freqs: np.ndarray, phone: str, scale: float) -> np.ndarray:
     "Spectral envelope of a phone at frequencies `freqs`: three Gaussian formants (scaled by `scale`) on a tilt."
     g = sum(np.exp(-0.5 * ((freqs - f * scale) / (80 + 0.06 * f)) ** 2) * w for f, w in zip(FORMANTS[phone], (1.0, 0.6, 0.3)))
@@ -125,6 +126,7 @@ def synth_vocal(score: list[dict], singer: int = 0, sr: int = SR, clip_s: float 
     y *= env
     return (0.1 * y / (np.sqrt(np.mean(y ** 2)) + 1e-9)).astype(np.float32)
 
+# %% ../nbs/41_melodist.ipynb #melodist-010c
 TIMBRES = {  # harmonic weights and envelope of each instrument: (weights, attack s, decay time s or None, vibrato)
     "piano": (1 / np.arange(1, 11) ** 1.3, 0.004, 0.35, False),
     "strings": (1 / np.arange(1, 13), 0.07, None, True),
@@ -168,6 +170,7 @@ def render_accompaniment(attrs: dict, sr: int = SR, clip_s: float = CLIP_S) -> n
     y = y[:n]
     return (0.1 * y / (np.sqrt(np.mean(y ** 2)) + 1e-9)).astype(np.float32)
 
+# %% ../nbs/41_melodist.ipynb #melodist-010d
 _MEL_FB = librosa.filters.mel(sr=SR, n_fft=N_FFT, n_mels=N_MELS, fmin=FMIN, fmax=FMAX)   # (N_MELS, N_FFT // 2 + 1)
 
 def log_mel(y) -> np.ndarray:
@@ -256,11 +259,15 @@ def make_songs(n: int, seed: int = 0, balanced: bool = False) -> tuple[Dataset, 
 # %% ../nbs/41_melodist.ipynb #melodist-018
 from vector_quantize_pytorch import ResidualVQ
 
+from .kernels.rvq_search import rvq_search
+
 class MelCodec(nn.Module):
     """A small neural audio codec over log-mel frames: a convolutional encoder (stride 2: 50 mel frames per second
     to 25 codec frames), a residual vector quantiser of `n_q` codebooks of `codebook_size` entries
     (vector-quantize-pytorch's `ResidualVQ`, EMA codebooks, k-means initialisation, dead-code replacement), and a
-    convolutional decoder back to log-mel; waveforms come from Griffin-Lim (`mel_to_audio`). Log-mels are
+    convolutional decoder back to log-mel; waveforms come from Griffin-Lim (`mel_to_audio`). The layer trains the
+    codebooks (`forward`); tokenising (`encode`) runs the greedy search with `tinylab.kernels.rvq_search` on the
+    layer's own codebooks (Triton on CUDA, its PyTorch reference elsewhere). Log-mels are
     standardised with `mean` and `std` (set from the training data by `fit_norm`)."""
     def __init__(self, n_mels: int = N_MELS, dim: int = 32, hidden: int = 128, n_q: int = 4, codebook_size: int = 64):
         super().__init__()
@@ -297,9 +304,16 @@ class MelCodec(nn.Module):
         return self.decoder(zq.transpose(1, 2)) * self.std + self.mean, codes, commit.sum()
 
     @torch.no_grad()
-    def encode(self, logmel: torch.Tensor) -> torch.Tensor:
-        "Codec tokens (B, frames / 2, n_q) of log-mels (B, N_MELS, frames)."
-        was = self.training; self.eval()
+    def encode(self, logmel: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+        """Codec tokens (B, frames / 2, n_q) int64 of log-mels (B, N_MELS, frames): the greedy residual search of
+        `rvq_search` over the layer's codebooks (n_q, codebook_size, dim); `backend` as in `rvq_search`."""
+        z = self.encode_latent(logmel)                                                # (B, T, dim)
+        return rvq_search(z, self.rvq.codebooks.to(z.dtype), backend=backend)[0]     # (B, T, n_q)
+
+    @torch.no_grad()
+    def rvq_codes(self, logmel: torch.Tensor) -> torch.Tensor:
+        "The `ResidualVQ` layer's own indices (B, frames / 2, n_q): its PyTorch search, what `encode` is checked against."
+        was = self.training; self.eval()                                              # eval: no EMA update
         codes = self.rvq(self.encode_latent(logmel))[1]
         self.train(was)
         return codes
@@ -519,6 +533,7 @@ class MultiScaleTransformer(nn.Module):
                     codes[:, t, q] = i.gather(1, torch.multinomial(v.softmax(-1), 1, generator=gen)).squeeze(1)
         return codes
 
+# %% ../nbs/41_melodist.ipynb #melodist-024b
 class ScoreEncoder(nn.Module):
     "Stage 1's condition: per frame, embeddings of phone, MIDI pitch, frames since onset and singer, summed: (B, T, dim)."
     def __init__(self, dim: int = 64):
