@@ -111,6 +111,21 @@ class Denoiser(nn.Module):
         return self.out(self.mid(h)).view(self.K + 1, *x.shape)   # (K+1, B, C, H, W)
 
 
+def capture(loop, x_T, step):
+    """Warm `loop(x, step)` up on a side stream, then capture one call in a CUDA graph. Returns the graph, its static
+    input (kept alive: the graph reads it on every replay) and its static output."""
+    static_x = x_T.clone()
+    side = torch.cuda.Stream(); side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            loop(static_x, step)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = loop(static_x, step)
+    return graph, static_x, static_out
+
+
 def sampling_loop(label, shape, K, steps, dev, smoke, reps):
     """Imagined rollouts per second: `steps` DDIM steps of the stand-in denoiser with the composed step (per-agent masks
     and weights, as COMBO composes agents), eager and captured whole in one CUDA graph, with the reference or the kernel."""
@@ -145,15 +160,7 @@ def sampling_loop(label, shape, K, steps, dev, smoke, reps):
                              rollouts_per_s=B / sec))
             if dev != "cuda":
                 continue
-            static_x = x_T.clone()
-            s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(2):
-                    loop(static_x, step)
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                static_out = loop(static_x, step)
+            g, static_x, static_out = capture(loop, x_T, step)
             g.replay(); sync()
             outs[name + " graph"] = static_out.clone()
             t = time.perf_counter()
@@ -232,15 +239,7 @@ def combo_loop(M, K, steps, dev, smoke, reps):
         outs["loop reference"] = loop(x_T, ref_step)             # the captured loops are checked against this
         if dev == "cuda":
             for name, step in (("reference", ref_step), ("kernel", ker_step)):
-                static_x = x_T.clone()
-                s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(s):
-                    for _ in range(2):
-                        loop(static_x, step)
-                torch.cuda.current_stream().wait_stream(s)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    static_out = loop(static_x, step)
+                graph, static_x, static_out = capture(loop, x_T, step)
                 graph.replay(); sync()
                 outs["loop " + name + " graph"] = static_out.clone()
                 sec = timed(graph.replay, reps)
