@@ -1,16 +1,22 @@
-"""Train and evaluate the COMBO chapter's models (nbs/42_combo.ipynb) at `gpu` scale, in one command of at most
-about 9 minutes: the state estimator, the world model's single-agent stage, its composed fine-tune with and without
-the agent-dependent loss scaling, and the joint baseline (all on teams of one and two agents); then prediction
-accuracy for teams of one to four agents (the guidance weight w = 5, a sweep over w = 1, 2 and 1/K, the composition
-the fine-tune trains), the state estimator's accuracy on the cells an agent does not see, and the five planners
-(random, greedy, search-est: the tree search on the estimated state with the true simulator, COMBO, oracle) on
---episodes episodes per team size with the paper's 3 x 3 x 3 tree search and 10 DDIM steps.
+"""Train and evaluate the COMBO chapter's models (nbs/42_combo.ipynb) at `gpu` scale: the state estimator, the world
+model's single-agent stage, its composed fine-tune with and without the agent-dependent loss scaling, and the joint
+baseline (all on teams of one and two agents); then prediction accuracy for teams of one to four agents (the guidance
+weight w = 5, a sweep over w = 1, 2 and 1/K, the composition the fine-tune trains), the state estimator's accuracy on
+the cells an agent does not see, and the five planners (random, greedy, search-est: the tree search on the estimated
+state with the true simulator, COMBO, oracle) on --episodes episodes per team size with the paper's 3 x 3 x 3 tree
+search and 10 DDIM steps.
+
+The GPU machine allows 9 minutes a command, so the work is split in two commands that share --out: `--phase train`
+runs the three training phases (estimator, world model, joint baseline) as parallel processes, each stopping at its
+step count or --phase-seconds (their steps are launch-bound, so three processes share one GPU well), and saves every
+model as flat files; `--phase eval` loads them and evaluates.
 
 Writes flat files into --out (no sub-folders: the GPU machine's transfer drops nested folders): combo_h200.json
-(device, versions, date, commit, args, per-item results) and the scaled world model and the estimator (unet.json +
+(device, versions, date, commit, args, steps trained and asked, per-item results), every trained model
+(<name>.safetensors with train_<name>.json), and the planning models in the chapter's format (unet.json +
 unet.safetensors, tokens.safetensors, estimator.json + estimator.safetensors, provenance.json).
 
-GPU:   PYTHONPATH=. python3 benchmarks/train_combo.py --out $OUT/combo_h200
+GPU:   PYTHONPATH=. python3 benchmarks/train_combo.py --phase train --out DIR; then the same with --phase eval
 CPU:   PYTHONPATH=. python3 benchmarks/train_combo.py --smoke --out /tmp/combo_smoke"""
 import argparse
 import copy
@@ -54,9 +60,84 @@ def steps_within(fn, steps: int, seconds: float, probe: int = 20):
     return out
 
 
+PHASES = ("est", "wm", "joint")   # the three training phases: independent, so they can run as parallel processes
+
+
+def model_file(out, name):
+    return os.path.join(out, f"{name}.safetensors")
+
+
+def save_state(out, name, module, record):
+    "One model's whole state_dict (flat safetensors) and its training record (flat JSON) beside it."
+    from safetensors.torch import save_file
+    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, model_file(out, name))
+    with open(os.path.join(out, f"train_{name}.json"), "w") as f:
+        json.dump(record, f)
+
+
+def load_state(out, name, module, device):
+    from safetensors.torch import load_file
+    module.load_state_dict(load_file(model_file(out, name)))
+    with open(os.path.join(out, f"train_{name}.json")) as f:
+        return module.to(device).eval(), json.load(f)
+
+
+def data(args, device):
+    "The same expert data in every process (seeded): world-model transitions, estimator frames, test transitions."
+    import tinylab.combo as C
+    rng = np.random.default_rng(args.seed)
+    train = {k: C.rollouts(args.train_episodes, k, rng) for k in (1, 2)}
+    est_data = [C.rollouts(max(args.train_episodes // 4, 2), k, rng, max_steps=10) for k in (1, 2, 3, 4)]
+    frames = torch.cat([d.cur for d in est_data]); agents = [a.numpy() for d in est_data for a in d.agents]
+    test = {k: C.rollouts(max(args.n_test // 4, 2), k, np.random.default_rng(args.seed + 1000 + k)) for k in (1, 2, 3, 4)}
+    for d in train.values():
+        d.cur, d.nxt = d.cur.to(device), d.nxt.to(device)
+    return train, frames, agents, test
+
+
+def train_phase(phase, args, device):
+    """Train one phase and save its models as flat files in --out. est: the state estimator; wm: the single-agent
+    stage, then the composed fine-tune with and without C_i (same steps, same batches); joint: the baseline, asked
+    for as many steps as the composed model's stages together. Each phase stops at its step count or at
+    --phase-seconds, whichever comes first, and records both."""
+    import tinylab.combo as C
+    train, frames, agents, _ = data(args, device)
+    lr, ft_lr, B, secs = 2e-3, 5e-4, args.batch, args.phase_seconds
+    asked = dict(est=args.est_steps, single=args.single_steps, finetune=args.ft_steps, joint=args.single_steps + args.ft_steps)
+    log(f"{phase} on {device}: {[len(d) for d in train.values()]} world-model transitions, {len(frames)} estimator frames")
+    if phase == "est":
+        est = C.StateEstimator(tuple(args.channels), seed=args.seed).to(device)
+        l = steps_within(lambda n, first: C.train_estimator(est, frames, agents, n, B, lr * (0.1 if first else 1), seed=args.seed + (0 if first else 1)),
+                         args.est_steps, secs)
+        save_state(args.out, "est", est, dict(steps=len(l), asked=asked["est"], final_loss=float(np.mean(l[-50:])), losses=l[::10]))
+    elif phase == "wm":
+        wm = C.WorldModel(tuple(args.channels), seed=args.seed).to(device)
+        l = steps_within(lambda n, first: C.train_single(wm, [train[1], train[2]], n, B, lr * (0.1 if first else 1), seed=args.seed + (0 if first else 1)),
+                         args.single_steps, 0.7 * secs)
+        save_state(args.out, "wm_single", wm, dict(steps=len(l), asked=asked["single"], final_loss=float(np.mean(l[-50:])), losses=l[::10]))
+        log("single", len(l), "steps")
+        wm_scaled, wm_plain = copy.deepcopy(wm), copy.deepcopy(wm)
+        l_sc = steps_within(lambda n, first: C.finetune_composed(wm_scaled, train[2], n, B, ft_lr, scaled=True, seed=args.seed + 2 + first),
+                            args.ft_steps, 0.15 * secs)
+        l_pl = C.finetune_composed(wm_plain, train[2], len(l_sc), B, ft_lr, scaled=False, seed=args.seed + 2 + 1)  # same steps, same batches
+        for name, m, ls in (("wm_scaled", wm_scaled, l_sc), ("wm_plain", wm_plain, l_pl)):
+            save_state(args.out, name, m, dict(steps=len(ls), asked=asked["finetune"], single_steps=len(l),
+                                               final_loss=float(np.mean(ls[-50:])), losses=ls[::10]))
+    elif phase == "joint":
+        wm = C.WorldModel(tuple(args.channels), seed=args.seed).to(device)
+        l = steps_within(lambda n, first: C.train_joint(wm, [train[1], train[2]], n, B, lr * (0.1 if first else 1), seed=args.seed + (0 if first else 1)),
+                         asked["joint"], secs)
+        save_state(args.out, "wm_joint", wm, dict(steps=len(l), asked=asked["joint"], final_loss=float(np.mean(l[-50:])), losses=l[::10]))
+    log(phase, "saved")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="book/results/combo_h200")
+    p.add_argument("--phase", default="all", choices=("all", "train", "eval") + PHASES,
+                   help="all: train then evaluate in this process; train: the three training phases as parallel "
+                        "processes (the steps are launch-bound, so they share the GPU well); est/wm/joint: one of them; "
+                        "eval: load what the training phases saved in --out and evaluate")
     p.add_argument("--episodes", type=int, default=30, help="planning episodes per team size")
     p.add_argument("--agents", type=int, nargs="+", default=[2, 3, 4])
     p.add_argument("--max-steps", type=int, default=20)
@@ -70,7 +151,8 @@ def main(argv=None):
     p.add_argument("--weight", type=float, default=5.0)
     p.add_argument("--ddim-steps", type=int, default=10)
     p.add_argument("--tree", type=int, nargs=3, default=(3, 3, 3))
-    p.add_argument("--budget", type=float, default=420.0, help="seconds; the training phases get fixed shares of it (the joint model as many steps as the composed one)")
+    p.add_argument("--phase-seconds", type=float, default=480.0,
+                   help="wall-clock cap of each training phase (wm: 70%% single-agent stage, 15%% each fine-tune)")
     p.add_argument("--workers", type=int, default=12, help="processes for the planners' scripted parts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (for the tests)")
@@ -78,61 +160,53 @@ def main(argv=None):
     if args.smoke:
         args.episodes, args.agents, args.max_steps, args.train_episodes = 1, [2, 3], 3, 6
         args.channels, args.batch, args.est_steps, args.single_steps, args.ft_steps = (16, 32), 8, 3, 4, 2
-        args.n_test, args.ddim_steps, args.tree, args.budget, args.workers = 4, 2, (2, 2, 2), 120.0, 0
-    import tinylab.combo as C
-    pool = mp.get_context("fork").Pool(args.workers) if args.workers > 0 else None   # before CUDA is touched
-    mapper = (lambda f, *its: pool.starmap(f, zip(*its), chunksize=8)) if pool else map
+        args.n_test, args.ddim_steps, args.tree, args.phase_seconds, args.workers = 4, 2, (2, 2, 2), 60.0, 0
+    os.makedirs(args.out, exist_ok=True)
+    if args.phase == "train":       # one process per phase; the parent only waits
+        procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *(argv if argv is not None else sys.argv[1:]), "--phase", ph])
+                 for ph in PHASES]
+        codes = [pr.wait() for pr in procs]
+        if any(codes):
+            sys.exit(f"training phases {PHASES} exited with {codes}")
+        return
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    os.makedirs(args.out, exist_ok=True)
-    share = dict(est=0.10, single=0.20, ft=0.06)          # of the budget; the plain fine-tune and the joint model match steps
+    if args.phase in PHASES:
+        torch.set_num_threads(4)
+        return train_phase(args.phase, args, device)
+    if args.phase == "all":
+        for ph in PHASES:
+            train_phase(ph, args, device)
+    evaluate(args, device)
 
-    train = {k: C.rollouts(args.train_episodes, k, rng) for k in (1, 2)}
-    est_data = [C.rollouts(max(args.train_episodes // 4, 2), k, rng, max_steps=10) for k in (1, 2, 3, 4)]
-    frames = torch.cat([d.cur for d in est_data]); agents = [a.numpy() for d in est_data for a in d.agents]
-    test = {k: C.rollouts(max(args.n_test // 4, 2), k, np.random.default_rng(args.seed + 1000 + k)) for k in (1, 2, 3, 4)}
-    for d in list(train.values()):
-        for f in ("cur", "nxt"):
-            setattr(d, f, getattr(d, f).to(device))
-    log(f"{device}: data {[len(d) for d in train.values()]} world-model transitions, {len(frames)} estimator frames")
 
-    lr, ft_lr, B = 2e-3, 5e-4, args.batch
-    info = {}
-
-    est = C.StateEstimator(tuple(args.channels), seed=args.seed).to(device)
-    l_est = steps_within(lambda n, first: C.train_estimator(est, frames, agents, n, B, lr * (0.1 if first else 1), seed=args.seed + (0 if first else 1)),
-                         args.est_steps, share["est"] * args.budget)
-    info["estimator"] = dict(steps=len(l_est), final_loss=float(np.mean(l_est[-50:])))
-    log("estimator", info["estimator"])
-
-    wm = C.WorldModel(tuple(args.channels), seed=args.seed).to(device)
-    l_single = steps_within(lambda n, first: C.train_single(wm, [train[1], train[2]], n, B, lr * (0.1 if first else 1), seed=args.seed + (0 if first else 1)),
-                            args.single_steps, share["single"] * args.budget)
-    info["single"] = dict(steps=len(l_single), final_loss=float(np.mean(l_single[-50:])))
-    log("single", info["single"])
-    wm_scaled, wm_plain = copy.deepcopy(wm), copy.deepcopy(wm)
-    l_sc = steps_within(lambda n, first: C.finetune_composed(wm_scaled, train[2], n, B, ft_lr, scaled=True, seed=args.seed + 2 + first),
-                        args.ft_steps, share["ft"] * args.budget)
-    n_ft = len(l_sc)
-    l_pl = C.finetune_composed(wm_plain, train[2], n_ft, B, ft_lr, scaled=False, seed=args.seed + 2 + 1)  # same steps, same batches
-    info["finetune"] = dict(steps=n_ft, final_loss_scaled=float(np.mean(l_sc[-50:])), final_loss_plain=float(np.mean(l_pl[-50:])))
-    log("finetune", info["finetune"])
-    wm_joint = C.WorldModel(tuple(args.channels), seed=args.seed).to(device)
-    l_joint = C.train_joint(wm_joint, [train[1], train[2]], len(l_single) + n_ft, B, lr, seed=args.seed)
-    info["joint"] = dict(steps=len(l_joint), final_loss=float(np.mean(l_joint[-50:])))
-    log("joint", info["joint"])
+def evaluate(args, device):
+    "Prediction accuracy, the weight sweep, estimation accuracy and the five planners, from the saved models."
+    import tinylab.combo as C
+    pool = mp.get_context("fork").Pool(args.workers) if args.workers > 0 and not torch.cuda.is_initialized() else None
+    mapper = (lambda f, *its: pool.starmap(f, zip(*its), chunksize=8)) if pool else map
+    _, _, _, test = data(args, device)
+    mk = lambda: C.WorldModel(tuple(args.channels), seed=args.seed)
+    est, r_est = load_state(args.out, "est", C.StateEstimator(tuple(args.channels), seed=args.seed), device)
+    wm, r_single = load_state(args.out, "wm_single", mk(), device)
+    wm_scaled, r_sc = load_state(args.out, "wm_scaled", mk(), device)
+    wm_plain, r_pl = load_state(args.out, "wm_plain", mk(), device)
+    wm_joint, r_joint = load_state(args.out, "wm_joint", mk(), device)
+    info = dict(estimator=r_est, single=r_single, finetune=dict(steps=r_sc["steps"], asked=r_sc["asked"], final_loss_scaled=r_sc["final_loss"],
+                                                                 final_loss_plain=r_pl["final_loss"]), joint=r_joint)
+    log("trained steps", {k: (v["steps"], v.get("asked")) for k, v in info.items()})
 
     prov = dict(script="benchmarks/train_combo.py", commit=commit(), args=vars(args),
-                steps=dict(estimator=len(l_est), single=len(l_single), finetune=n_ft),
+                steps=dict(estimator=r_est["steps"], single=r_single["steps"], finetune=r_sc["steps"], joint=r_joint["steps"]),
                 device=torch.cuda.get_device_name() if device.type == "cuda" else "CPU", torch=torch.__version__,
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), losses=info)
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                losses={k: {kk: vv for kk, vv in v.items() if kk != "losses"} for k, v in info.items()})
     try:
         import diffusers
         prov["diffusers"] = diffusers.__version__
     except ImportError:
         pass
-    C.save_models(args.out, copy.deepcopy(wm_scaled).cpu(), copy.deepcopy(est).cpu(), prov)   # flat files beside the JSON
+    C.save_models(args.out, copy.deepcopy(wm_scaled).cpu(), copy.deepcopy(est).cpu(), prov)   # flat files for the chapter
 
     names = {"composed, single-agent stage only": (wm, False), "composed + fine-tune with C_i": (wm_scaled, False),
              "composed + fine-tune, C_i = 1": (wm_plain, False), "joint (baseline)": (wm_joint, True)}
