@@ -16,7 +16,9 @@ Writes flat files into --out (no sub-folders: the GPU machine's transfer drops n
 (<name>.safetensors with train_<name>.json), and the planning models in the chapter's format (unet.json +
 unet.safetensors, tokens.safetensors, estimator.json + estimator.safetensors, provenance.json).
 
-GPU:   PYTHONPATH=. python3 benchmarks/train_combo.py --phase train --out DIR; then the same with --phase eval
+GPU:   PYTHONPATH=. python3 benchmarks/train_combo.py --phase train --out DIR   (about 7 minutes on an H200)
+       PYTHONPATH=. python3 benchmarks/train_combo.py --phase eval --out DIR    (about 5 minutes)
+       The recorded run (book/results/combo_h200) ran exactly these, in two commands.
 CPU:   PYTHONPATH=. python3 benchmarks/train_combo.py --smoke --out /tmp/combo_smoke"""
 import argparse
 import copy
@@ -145,14 +147,16 @@ def main(argv=None):
     p.add_argument("--channels", type=int, nargs=2, default=(32, 64))
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--est-steps", type=int, default=3000)
-    p.add_argument("--single-steps", type=int, default=6000)
-    p.add_argument("--ft-steps", type=int, default=1500)
+    p.add_argument("--single-steps", type=int, default=4500)
+    p.add_argument("--ft-steps", type=int, default=1200)
     p.add_argument("--n-test", type=int, default=256)
     p.add_argument("--weight", type=float, default=5.0)
     p.add_argument("--ddim-steps", type=int, default=10)
     p.add_argument("--tree", type=int, nargs=3, default=(3, 3, 3))
-    p.add_argument("--phase-seconds", type=float, default=480.0,
-                   help="wall-clock cap of each training phase (wm: 70%% single-agent stage, 15%% each fine-tune)")
+    p.add_argument("--phase-seconds", type=float, default=3000.0,
+                   help="wall-clock cap of each training phase (wm: 70%% single-agent stage, 15%% each fine-tune); the cap "
+                        "guesses the steps that fit from the first 20, which overestimates a step's cost, so the default "
+                        "is no cap: the default steps take about 430 s on an H200 with the three phases in parallel")
     p.add_argument("--workers", type=int, default=12, help="processes for the planners' scripted parts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (for the tests)")
