@@ -10,6 +10,10 @@ The JSON holds per-item scores (task, inst, seed, K, item: correct, NLL) so the 
 k-NN / logistic-regression baselines at every K and N, addition (given, Reinforced, Unsupervised ICL), fine-tuning
 against ICL, the training curve, wall time per phase, device, versions, date, commit (env TINYLAB_COMMIT) and args.
 
+Meta-training's loss is on the answer tokens only (the chapter's `train_on_answers`); on a GPU every query of the
+evaluation attends to the shared prefix through the shared-prefix attention kernel (the chapter's `suffix_logits`,
+plugged in through transformers' AttentionInterface), checked against the SDPA path on the same model first.
+
 Training stops early to fit --budget-s: a short calibration measures the time per step, and the step count is cut so
 that data + training + the evaluation reserve fit; a hard stop inside training guards the rest.
 
@@ -113,7 +117,8 @@ from tinylab.core import seed_everything  # noqa: E402
 from tinylab.lm import TrainConfig, build_model, count_params, tiny_config, tokenize_blocks, train_lm  # noqa: E402
 from tinylab.manyshot import (addition_task, baseline_accuracy, build_prompt, encode_prefix,  # noqa: E402
                               evaluate_generation, evaluate_icl, score_targets, linear_task, lookup_task, meta_training_mix, nested_orders, pack_frame,
-                              parity_task, reinforced_shots, sentiment_task, shot, shot_counts, word_tokenizer)
+                              parity_task, reinforced_shots, sentiment_task, shot, shot_counts, suffix_logits,
+                              train_on_answers, word_tokenizer)
 from datasets import Dataset  # noqa: E402  (the real one, or the stand-in)
 
 transformers.logging.set_verbosity_error()
@@ -162,6 +167,17 @@ def _chunk(job):
     return np.asarray(blocks, dtype=np.uint8).reshape(-1, cfg["block_size"]), words
 
 
+def _baseline_job(job):
+    "k-NN and logistic regression on the shots of one linear-classification instance (a process of its own)."
+    N, inst, cfg = job
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(1):
+        data = linear_task(N, 2 * cfg["k_eval"] + cfg["n_test"], seed=10_000 + 100 * N + inst)
+        pool, test = data.select(range(2 * cfg["k_eval"])), data.select(range(2 * cfg["k_eval"], len(data)))
+        b = baseline_accuracy(pool, test, nested_orders(2 * cfg["k_eval"], cfg["k_eval"], cfg["seeds"]), shot_counts(cfg["k_eval"]))
+    return b.assign(inst=inst, task=f"linear N={N}")
+
+
 def make_blocks(n_prompts: int, cfg: dict, seed: int, first_chunk: int, pool=None, workers: int = 1):
     """Token blocks from `n_prompts` meta-training prompts in chunks (chunk c has mix seed 1000 (seed + 1) + c, so
     chunks and the validation prompts are different task instances), spread over `pool` when given."""
@@ -197,6 +213,9 @@ def main(argv=None):
     p.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (for the tests)")
+    p.add_argument("--kernel", default="auto", choices=["auto", "on", "off"],
+                   help="the evaluation's attention: auto = the shared-prefix kernel on a GPU, SDPA elsewhere; on = the kernel "
+                        "(on a CPU only under TRITON_INTERPRET=1, to test the path); off = SDPA over the expanded cache")
     args = p.parse_args(argv)
     cfg = dict(SMOKE if args.smoke else GPU)
     if args.steps is not None:
@@ -240,6 +259,7 @@ def main(argv=None):
     n_cal = 3 if args.smoke else 40
     cal_blocks = Blocks(torch.from_numpy(np.concatenate(parts)))
     cal_model = new_model()
+    train_on_answers(cal_model, tok)
     if device.type == "cuda":   # a few steps first, so CUDA's start-up does not count as step time
         train_lm(cal_model, cal_blocks, val_blocks, TrainConfig(steps=5, batch_size=cfg["batch_size"], lr=cfg["lr"], eval_every=5,
                                                                 eval_batches=1, seed=seed, mixed_precision=args.mixed_precision), desc="warm-up")
@@ -261,8 +281,11 @@ def main(argv=None):
     if n_prompts > n_first:
         more, more_words, next_chunk = make_blocks(n_prompts - n_first, cfg, seed, next_chunk, pool, workers)
         parts += more; words += more_words
+    # the classical baselines need no model: they run in the data processes while the GPU trains
+    base_jobs = [(N, inst, cfg) for N in cfg["n_features"] for inst in range(cfg["inst"])]
+    base_async = pool.map_async(_baseline_job, base_jobs, chunksize=1) if pool is not None else None
     if pool is not None:
-        pool.close(); pool.join()
+        pool.close()
     blocks = Blocks(torch.from_numpy(np.concatenate(parts)))
     mix = mix_summary(words)
     phases["data"] += time.perf_counter() - t
@@ -270,6 +293,7 @@ def main(argv=None):
 
     # -- meta-training (the chapter's train_lm), with a hard stop at the budget
     model = new_model()
+    train_on_answers(model, tok)   # the chapter's loss: the answer tokens only
     deadline = args.budget_s - args.eval_reserve_s + 0.5 * args.eval_reserve_s
 
     def guard(module, inputs):
@@ -310,8 +334,16 @@ def main(argv=None):
         with torch.no_grad():
             full = model(torch.cat([torch.tensor([prompt], device=model.device).expand(len(q), -1), q], 1)).logits[:, -2].float().log_softmax(-1)
         cache_err = max(cache_err, (nll + full.gather(1, q[:, -1:])[:, 0]).abs().max().item())
+    # the evaluation's attention on this machine (the kernel on a GPU) against the model's own SDPA over the expanded cache
+    kernel_err, use_kernel = 0.0, {"auto": device.type == "cuda", "on": True, "off": False}[args.kernel]
+    for k in cache_ks[1:]:
+        length = len(build_prompt(pool_c, order_c, k))
+        a = suffix_logits(model, kv, length, q, use_kernel=use_kernel).float().log_softmax(-1)
+        b = suffix_logits(model, kv, length, q, use_kernel=False).float().log_softmax(-1)
+        kernel_err = max(kernel_err, (a - b).abs().max().item())
     phases["cache_check"] = time.perf_counter() - t
-    log(f"shared-cache scores vs full re-encoding: max |dNLL| {cache_err:.1e} over K = {cache_ks}")
+    log(f"shared-cache scores vs full re-encoding: max |dNLL| {cache_err:.1e} over K = {cache_ks}; "
+        f"{'kernel' if use_kernel else 'SDPA'} vs SDPA log-probabilities: max |diff| {kernel_err:.1e}")
 
     # -- evaluation: the chapter's rows, every K of the nested shot sets, per task, instance, seed and item
     seeds = cfg["seeds"]
@@ -323,7 +355,7 @@ def main(argv=None):
         for inst in range(n_inst):
             data = make(inst, 2 * k_max + cfg["n_test"])
             pool, test = data.select(range(2 * k_max)), data.select(range(2 * k_max, len(data)))
-            df = evaluate_icl(model, tok, pool, test, nested_orders(2 * k_max, k_max, seeds), ks, **kw)
+            df = evaluate_icl(model, tok, pool, test, nested_orders(2 * k_max, k_max, seeds), ks, use_kernel=use_kernel, **kw)
             frames.append(df.assign(inst=inst))
         return pd.concat(frames).assign(task=name)
 
@@ -343,13 +375,9 @@ def main(argv=None):
     phases["icl"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    base = []
-    for N in cfg["n_features"]:
-        for inst in range(cfg["inst"]):
-            data = linear_task(N, 2 * cfg["k_eval"] + cfg["n_test"], seed=10_000 + 100 * N + inst)
-            pool, test = data.select(range(2 * cfg["k_eval"])), data.select(range(2 * cfg["k_eval"], len(data)))
-            b = baseline_accuracy(pool, test, nested_orders(2 * cfg["k_eval"], cfg["k_eval"], seeds), shot_counts(cfg["k_eval"]))
-            base.append(b.assign(inst=inst, task=f"linear N={N}"))
+    base = base_async.get() if base_async is not None else [_baseline_job(j) for j in base_jobs]
+    if pool is not None:
+        pool.join()
     base = pd.concat(base, ignore_index=True)
     phases["baselines"] = time.perf_counter() - t
 
@@ -365,12 +393,14 @@ def main(argv=None):
         reinforced = reinforced_shots(model, tok, problems, sampling_prompt, samples=2, temperature=1.0, seed=seed)
         reinforced_kept = len(reinforced)
         k_rein = min(k_add, 2 ** int(np.log2(len(reinforced)))) if len(reinforced) else 0
-        add_runs["given rationales"] = evaluate_generation(model, tok, given, add_test, nested_orders(len(given), k_add, seeds), shot_counts(k_add))
+        add_runs["given rationales"] = evaluate_generation(model, tok, given, add_test, nested_orders(len(given), k_add, seeds), shot_counts(k_add),
+                                                           use_kernel=use_kernel)
         if k_rein >= 1 and not out_of_time():
-            add_runs["Reinforced ICL"] = evaluate_generation(model, tok, reinforced, add_test, nested_orders(len(reinforced), k_rein, seeds), shot_counts(k_rein))
+            add_runs["Reinforced ICL"] = evaluate_generation(model, tok, reinforced, add_test, nested_orders(len(reinforced), k_rein, seeds),
+                                                             shot_counts(k_rein), use_kernel=use_kernel)
         if not out_of_time():
             add_runs["Unsupervised ICL"] = evaluate_generation(model, tok, problems, add_test, nested_orders(len(problems), k_add, seeds),
-                                                               shot_counts(k_add), preamble=["problems", ":"], answers=False)
+                                                               shot_counts(k_add), preamble=["problems", ":"], answers=False, use_kernel=use_kernel)
         for m, df in add_runs.items():
             log(f"addition, {m}: accuracy by K {df.groupby('k').correct.mean().round(3).to_dict()}")
     phases["addition"] = time.perf_counter() - t
@@ -393,8 +423,8 @@ def main(argv=None):
                                                                               eval_every=cfg["ft_steps"], eval_batches=1, seed=seed),
                  desc="fine-tuning")
         tuned.eval()
-        ft = evaluate_icl(tuned, tok, pool, test, {0: order}, [0])
-        ic = evaluate_icl(model, tok, pool, test, {0: order}, [k_ft])
+        ft = evaluate_icl(tuned, tok, pool, test, {0: order}, [0], use_kernel=use_kernel)
+        ic = evaluate_icl(model, tok, pool, test, {0: order}, [k_ft], use_kernel=use_kernel)
         ft_rows.append(pd.DataFrame({"inst": inst, "item": ft["item"].values, "fine-tuned (0-shot)": ft["correct"].values,
                                      f"ICL ({k_ft} shots)": ic["correct"].values}))
     ft_table = pd.concat(ft_rows, ignore_index=True) if ft_rows else pd.DataFrame()
@@ -412,6 +442,8 @@ def main(argv=None):
         params=count_params(model), tokens=train["tokens"], steps=train["steps"], planned_steps=steps,
         calibration_ms_per_step=1e3 * step_s, hard_stopped=hard_stopped, skipped=skipped, train=train, phases=phases,
         n_prompts=n_prompts, n_blocks=len(blocks), cache_check=dict(max_abs_dnll=cache_err, ks=cache_ks, N=N0),
+        loss="answers", eval_attention="shared-prefix kernel" if use_kernel else "sdpa (DynamicCache)",
+        kernel_check=dict(max_abs_dlogp=kernel_err, ks=cache_ks[1:], N=N0, kernel=use_kernel),
         icl=pack_frame(icl[["task", "inst", "seed", "k", "item", "correct", "nll"]]),
         baselines=pack_frame(base[["task", "method", "inst", "seed", "k", "item", "correct"]]),
         addition={m: pack_frame(df[["seed", "k", "item", "correct"]]) for m, df in add_runs.items()},

@@ -195,3 +195,65 @@ def test_meta_training_mix():
     assert all(1 <= t.count("|") <= 5 for t in mix["text"])
     with pytest.raises(ValueError, match="unknown tasks"):
         meta_training_mix(2, 3, dict(parity=1.0))
+
+
+# the evaluation's GPU path: the shared-prefix attention kernel plugged in through transformers' AttentionInterface
+# (here in Triton's interpreter, TRITON_INTERPRET=1 from conftest) against the CPU path (DynamicCache + SDPA)
+
+@pytest.mark.parametrize("length", [1, 13, None])
+def test_kernel_attention_gives_the_sdpa_logits(tok, model, length):
+    from tinylab.manyshot import suffix_logits
+    pool, test = linear_task(6, 40, seed=2).select(range(30)), linear_task(6, 40, seed=2).select(range(30, 35))
+    kv = encode_prefix(model, tok.convert_tokens_to_ids(build_prompt(pool, range(7), 7)))
+    length = length or kv[0][0].shape[2]
+    q = torch.tensor([tok.convert_tokens_to_ids(shot(ex["x"], ex["y"])[:-1]) for ex in test])
+    want = suffix_logits(model, kv, length, q, use_kernel=False)
+    got = suffix_logits(model, kv, length, q, use_kernel=True)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert model.config._attn_implementation == "sdpa"                   # restored after the kernel pass
+    with torch.no_grad():                                                 # and both equal re-encoding everything
+        prompt = tok.convert_tokens_to_ids(build_prompt(pool, range(7), 7))[:length]
+        full = model(torch.cat([torch.tensor([prompt]).expand(len(q), -1), q], 1)).logits[:, length:]
+    torch.testing.assert_close(got, full, atol=1e-4, rtol=1e-4)
+
+
+def test_kernel_path_scores_and_generates_as_sdpa(tok, model):
+    data = sentiment_task(24, 0, labels=("neg", "pos"))
+    pool, test = data.select(range(16)), data.select(range(16, 24))
+    orders = nested_orders(16, 4, [0, 1])
+    a = evaluate_icl(model, tok, pool, test, orders, [0, 2, 4], use_kernel=False)
+    b = evaluate_icl(model, tok, pool, test, orders, [0, 2, 4], use_kernel=True)
+    assert (a.correct.values == b.correct.values).all()
+    np.testing.assert_allclose(a.nll.values, b.nll.values, atol=1e-4)
+    q = torch.tensor([tok.convert_tokens_to_ids("1 2 + 3 4 =".split())] * 2)
+    kv = encode_prefix(model, tok.convert_tokens_to_ids(build_prompt(addition_task(2, 4, 0, "given"), range(2), 2)))
+    stop = tok.convert_tokens_to_ids("|")
+    assert (generate_after_prefix(model, kv, 9, q, 5, stop, use_kernel=True)
+            == generate_after_prefix(model, kv, 9, q, 5, stop, use_kernel=False))
+
+
+def test_answer_labels_keep_the_answers_only(tok):
+    from tinylab.manyshot import answer_labels
+    words = "e1 film = C | 3 -2 = A | 1 + 2 = 1 + 2 + 0 : 3 so 3 | <|endoftext|> good film = pos | 4".split()
+    ids = torch.tensor([tok.convert_tokens_to_ids(words)] * 2)
+    lab = answer_labels(ids, *tok.convert_tokens_to_ids(["=", "|"]))
+    assert tok.convert_ids_to_tokens(ids[0][lab[0] != -100].tolist()) == "C | A | 1 + 2 + 0 : 3 so 3 | pos |".split()
+    # a block that starts inside a shot's input: nothing before its first `=` is an answer, the label after it is
+    cut = answer_labels(ids[:, 1:], *tok.convert_tokens_to_ids(["=", "|"]))[0]
+    assert (cut[:2] == -100).all() and tok.convert_ids_to_tokens(int(cut[2])) == "C"
+
+
+def test_train_on_answers_hooks_the_loss(tok, model):
+    from tinylab.manyshot import answer_labels, train_on_answers
+    ids = torch.tensor([tok.convert_tokens_to_ids("3 -2 = A | 4 1 = B | 0 0".split())])
+    with torch.no_grad():
+        full = model(input_ids=ids, labels=ids).loss
+        handle = train_on_answers(model, tok)
+        try:
+            hooked = model(input_ids=ids, labels=ids).loss
+            logits = model(input_ids=ids).logits                         # no labels: the hook leaves the call alone
+        finally:
+            handle.remove()
+        want = torch.nn.functional.cross_entropy(logits[0, :-1], answer_labels(ids, *tok.convert_tokens_to_ids(["=", "|"]))[0, 1:])
+        torch.testing.assert_close(hooked, want)
+        torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, full)

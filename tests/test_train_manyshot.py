@@ -40,6 +40,8 @@ def test_provenance_and_training(record):
     assert tr["eval_loss"][-1] < tr["eval_loss"][0]
     assert record["tokens"] == record["steps"] * record["preset"]["batch_size"] * record["preset"]["block_size"]
     assert record["cache_check"]["max_abs_dnll"] < 1e-4      # the shared cache is used, not silently ignored
+    assert record["loss"] == "answers"                          # the chapter's loss: the answer tokens only
+    assert record["kernel_check"]["max_abs_dlogp"] < 1e-4 and record["eval_attention"] == "sdpa (DynamicCache)"   # the CPU path
     for phase in ("data", "calibration", "training", "cache_check", "icl", "baselines", "addition", "finetune", "total"):
         assert record["phases"][phase] >= 0, phase
 

@@ -22,8 +22,9 @@ from .lm import EOS
 __all__ = ['POSITIVE', 'NEGATIVE', 'FILLERS', 'ENTITIES', 'LABELS', 'WORDS', 'NUMBERS', 'TASKS', 'vocabulary', 'word_tokenizer',
            'linear_task', 'sentiment_task', 'lookup_task', 'parity_task', 'shot', 'rationale', 'addition_task',
            'answer_of', 'shot_counts', 'nested_orders', 'build_prompt', 'encode_prefix', 'prefix_cache',
-           'score_targets', 'evaluate_icl', 'baseline_accuracy', 'generate_after_prefix', 'evaluate_generation',
-           'reinforced_shots', 'task_examples', 'meta_training_mix', 'pack_frame', 'unpack_frame']
+           'suffix_logits', 'score_targets', 'evaluate_icl', 'baseline_accuracy', 'generate_after_prefix',
+           'evaluate_generation', 'reinforced_shots', 'task_examples', 'meta_training_mix', 'answer_labels',
+           'train_on_answers', 'pack_frame', 'unpack_frame']
 
 # %% ../nbs/30_manyshot.ipynb #cell-007
 # the vocabulary: every token is a word; prompts are space-separated words
@@ -192,17 +193,41 @@ def prefix_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], length: int, batch
     return DynamicCache(ddp_cache_data=[(k[:, :, :length].expand(batch, -1, -1, -1), v[:, :, :length].expand(batch, -1, -1, -1))
                                         for k, v in kv])
 
+@torch.no_grad()
+def suffix_logits(model: PreTrainedModel, kv, prefix_len: int, query_ids: torch.Tensor, use_kernel: bool | None = None) -> torch.Tensor:
+    """Logits (B, Q, V) of queries `query_ids` (B, Q) that all follow the first `prefix_len` positions of the
+    encoded prefix `kv`. `use_kernel=None` picks by device: on CUDA the queries attend to the one unbatched
+    prefix through the shared-prefix attention kernel, plugged in as the model's attention implementation
+    (`transformers.AttentionInterface`, see [its page](30a_shared_prefix_attention.ipynb)); elsewhere (or
+    `False`) through a `DynamicCache` of the expanded prefix and the model's own SDPA attention. `True` on a
+    CPU runs the kernel in Triton's interpreter (`TRITON_INTERPRET=1`), for the tests."""
+    B, Q = query_ids.shape
+    if use_kernel is None:
+        use_kernel = query_ids.is_cuda
+    if not use_kernel:
+        return model(input_ids=query_ids, **{_cache_kw(model): prefix_cache(kv, prefix_len, B)}, use_cache=True).logits
+    from tinylab.kernels.shared_prefix_attention import SharedPrefix, register_shared_prefix_attention
+    sp = SharedPrefix.from_kv(kv, prefix_len, use_triton=True)        # views of the first prefix_len positions
+    pos = torch.arange(prefix_len, prefix_len + Q, device=query_ids.device).expand(B, Q)
+    before = model.config._attn_implementation
+    model.set_attn_implementation(register_shared_prefix_attention())
+    try:
+        return model(input_ids=query_ids, position_ids=pos, shared_prefix=sp, use_cache=False).logits
+    finally:
+        model.set_attn_implementation(before)
+
 # %% ../nbs/30_manyshot.ipynb #cell-017
 @torch.no_grad()
 def score_targets(model: PreTrainedModel, kv, prefix_len: int, query_ids: torch.Tensor, n_target: int,
-                  candidates: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  candidates: Sequence[int] | None = None, use_kernel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced scores of the last `n_target` tokens of `query_ids` (B, Q), each query following the
     cached prefix of `prefix_len` tokens: the NLL of the target in nats (B,), and whether every target
-    token is the argmax (B,), over `candidates` when given (a label set), else over the vocabulary."""
+    token is the argmax (B,), over `candidates` when given (a label set), else over the vocabulary.
+    The queries attend to the prefix as `suffix_logits` decides (`use_kernel`: the kernel on a GPU)."""
     B, Q = query_ids.shape
     if not 0 < n_target < Q:
         raise ValueError(f"n_target must be in 1..{Q - 1}, got {n_target}")
-    logits = model(input_ids=query_ids, **{_cache_kw(model): prefix_cache(kv, prefix_len, B)}, use_cache=True).logits.float()
+    logits = suffix_logits(model, kv, prefix_len, query_ids, use_kernel).float()
     # the logits at position t predict token t + 1: the target's predictions are the n_target before the last
     logp = logits[:, Q - n_target - 1:Q - 1].log_softmax(-1)          # (B, T, V)
     target = query_ids[:, Q - n_target:]                                # (B, T)
@@ -219,10 +244,11 @@ def _ids(tok, tokens: Sequence[str]) -> list[int]:
 
 def evaluate_icl(model: PreTrainedModel, tok: PreTrainedTokenizerFast, pool: Dataset, test: Dataset,
                  orders: dict[int, list[int]], ks: Sequence[int], candidates: Sequence[str] | None = None,
-                 preamble: Sequence[str] = (), batch_size: int = 128) -> pd.DataFrame:
+                 preamble: Sequence[str] = (), batch_size: int = 128, use_kernel: bool | None = None) -> pd.DataFrame:
     """Many-shot ICL on `test` with nested K-shot prompts from `pool` (one draw `orders[seed]` per seed).
     Per seed the longest prompt is encoded ONCE; every K and every test query reuses a crop of its KV cache.
-    One row per (seed, K, item): correct (0/1) and the NLL of the reference answer (nats)."""
+    One row per (seed, K, item): correct (0/1) and the NLL of the reference answer (nats). On a GPU the queries
+    attend to the cached prefix through the shared-prefix attention kernel (`use_kernel`, see `suffix_logits`)."""
     max_k = max(ks)
     cand = _ids(tok, candidates) if candidates is not None else None
     # test queries grouped by length, so a batch needs no padding
@@ -244,7 +270,7 @@ def evaluate_icl(model: PreTrainedModel, tok: PreTrainedTokenizerFast, pool: Dat
                 for b in range(0, len(items), batch_size):
                     idx = items[b:b + batch_size]
                     q = torch.tensor([queries[i] for i in idx], device=model.device)
-                    nll, ok = score_targets(model, kv, length, q, t, cand)
+                    nll, ok = score_targets(model, kv, length, q, t, cand, use_kernel)
                     rows += [dict(seed=seed, k=k, item=i, correct=float(c), nll=float(n))
                              for i, c, n in zip(idx, ok.tolist(), nll.tolist())]
     return pd.DataFrame(rows)
@@ -278,12 +304,22 @@ def baseline_accuracy(pool: Dataset, test: Dataset, orders: dict[int, list[int]]
 # %% ../nbs/30_manyshot.ipynb #cell-026
 @torch.no_grad()
 def generate_after_prefix(model: PreTrainedModel, kv, prefix_len: int, query_ids: torch.Tensor, max_new: int,
-                          stop_id: int, temperature: float = 0.0, generator: torch.Generator | None = None) -> list[list[int]]:
+                          stop_id: int, temperature: float = 0.0, generator: torch.Generator | None = None,
+                          use_kernel: bool | None = None) -> list[list[int]]:
     """Continue each query of `query_ids` (B, Q), all after the same cached prefix, for up to `max_new`
-    tokens: greedy at temperature 0, else sampled. Each continuation ends at (and includes) `stop_id`."""
+    tokens: greedy at temperature 0, else sampled. Each continuation ends at (and includes) `stop_id`.
+    Off the kernel path the queries and their continuations grow a `DynamicCache` behind the expanded prefix;
+    on it (a GPU, `suffix_logits`) each step re-reads the short suffix (query and tokens so far) against
+    the one shared prefix, so the prefix is still never copied or re-encoded."""
     B = query_ids.shape[0]
-    cache, kw = prefix_cache(kv, prefix_len, B), _cache_kw(model)
-    logits = model(input_ids=query_ids, **{kw: cache}, use_cache=True).logits[:, -1].float()
+    if use_kernel is None:
+        use_kernel = query_ids.is_cuda
+    if use_kernel:
+        seq = query_ids
+        logits = suffix_logits(model, kv, prefix_len, seq, True)[:, -1].float()
+    else:
+        cache, kw = prefix_cache(kv, prefix_len, B), _cache_kw(model)
+        logits = model(input_ids=query_ids, **{kw: cache}, use_cache=True).logits[:, -1].float()
     out, done = [[] for _ in range(B)], torch.zeros(B, dtype=torch.bool)
     for _ in range(max_new):
         if temperature > 0:
@@ -296,12 +332,16 @@ def generate_after_prefix(model: PreTrainedModel, kv, prefix_len: int, query_ids
         done |= nxt.cpu() == stop_id
         if done.all():
             break
-        logits = model(input_ids=nxt[:, None], **{kw: cache}, use_cache=True).logits[:, -1].float()
+        if use_kernel:
+            seq = torch.cat([seq, nxt[:, None]], 1)
+            logits = suffix_logits(model, kv, prefix_len, seq, True)[:, -1].float()
+        else:
+            logits = model(input_ids=nxt[:, None], **{kw: cache}, use_cache=True).logits[:, -1].float()
     return out
 
 def evaluate_generation(model: PreTrainedModel, tok: PreTrainedTokenizerFast, pool: Dataset, test: Dataset,
                         orders: dict[int, list[int]], ks: Sequence[int], preamble: Sequence[str] = (),
-                        answers: bool = True, max_new: int = 48, batch_size: int = 128) -> pd.DataFrame:
+                        answers: bool = True, max_new: int = 48, batch_size: int = 128, use_kernel: bool | None = None) -> pd.DataFrame:
     """Accuracy of the final answer (`so ...`) the model writes, greedily, after K-shot prompts from `pool`
     (`answers=False`: problems only, Unsupervised ICL). The longest prompt of each seed is encoded once.
     One row per (seed, K, item)."""
@@ -318,7 +358,8 @@ def evaluate_generation(model: PreTrainedModel, tok: PreTrainedTokenizerFast, po
             for qlen, items in by_len.items():
                 for b in range(0, len(items), batch_size):
                     idx = items[b:b + batch_size]
-                    gen = generate_after_prefix(model, kv, length, torch.tensor([queries[i] for i in idx], device=model.device), max_new, stop)
+                    gen = generate_after_prefix(model, kv, length, torch.tensor([queries[i] for i in idx], device=model.device), max_new, stop,
+                                                use_kernel=use_kernel)
                     for i, g in zip(idx, gen):
                         rows.append(dict(seed=seed, k=k, item=i, correct=float(answer_of(tok.convert_ids_to_tokens(g)) == test[i]["answer"])))
     return pd.DataFrame(rows)
@@ -376,6 +417,30 @@ def meta_training_mix(n_prompts: int, k_train: int, mix: dict[str, float], seed:
         texts.append(" ".join(t for x, y in zip(ex["x"], ex["y"]) for t in shot(x, y)))
         tasks.append(task)
     return Dataset.from_dict({"text": texts, "task": tasks})
+
+# %% ../nbs/30_manyshot.ipynb #cell-ans-0
+def answer_labels(input_ids: torch.Tensor, eq_id: int, bar_id: int, eos_id: int = 0) -> torch.Tensor:
+    """Labels (B, T) for a next-token loss on the answers only: `input_ids` where a token belongs to a shot's
+    target (after the shot's `=`, up to and including the `|` that closes it), -100 (ignored) elsewhere: the
+    inputs, random draws (features, entities, operands) that no model can predict, and `<|endoftext|>`."""
+    marker = (input_ids == eq_id) | (input_ids == bar_id) | (input_ids == eos_id)
+    pos = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    last = torch.where(marker, pos, torch.full_like(pos, -1)).cummax(1).values       # last marker at or before t
+    before = torch.cat([torch.full_like(last[:, :1], -1), last[:, :-1]], 1)            # ... strictly before t
+    target = (before >= 0) & (input_ids.gather(1, before.clamp(min=0)) == eq_id)
+    return torch.where(target, input_ids, torch.full_like(input_ids, -100))
+
+def train_on_answers(model: PreTrainedModel, tok: PreTrainedTokenizerFast):
+    """Make `model`'s training loss the loss of the answers: a forward pre-hook replaces the `labels` that
+    `tinylab.lm.train_lm` passes (the inputs themselves) by `answer_labels`; calls without labels (evaluation)
+    are untouched. Returns the hook's handle (`.remove()` undoes it); `copy.deepcopy` of the model keeps it."""
+    eq, bar = tok.convert_tokens_to_ids(["=", "|"])
+    def hook(module, args, kwargs):
+        if kwargs.get("labels") is not None:
+            ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+            kwargs["labels"] = answer_labels(ids, eq, bar, tok.eos_token_id)
+        return args, kwargs
+    return model.register_forward_pre_hook(hook, with_kwargs=True)
 
 # %% ../nbs/30_manyshot.ipynb #cell-gpu-1
 def pack_frame(df: pd.DataFrame, decimals: int = 4) -> dict:
