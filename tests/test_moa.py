@@ -65,7 +65,7 @@ def test_forced_prior_is_exactly_the_base(prior, batch):
     unet, _ = prior
     x, t, text, refs = batch
     with torch.no_grad():
-        base = moa.prior_eps(unet, x, t, text)
+        base = moa.prior_pred(unet, x, t, text)
         m = perturbed_moa(unet)
         forced = m(x, t, text, refs, force="prior")
         free = m(x, t, text, refs)
@@ -83,7 +83,7 @@ def test_untrained_moa_is_the_prior(prior, batch):
         for r in m.routers.values():            # any router: the experts are equal at the start
             torch.nn.init.normal_(r.net[2].weight)
         out = m(x, t, text, refs)
-    assert (out - moa.prior_eps(unet, x, t, text)).abs().max() < 1e-4
+    assert (out - moa.prior_pred(unet, x, t, text)).abs().max() < 1e-4
 
 
 def test_kernel_path_matches_reference_path(prior, batch):
@@ -166,7 +166,7 @@ def test_sample_is_seeded_per_image(prior, batch):
     unet, _ = prior
     _, ddim = moa.noise_schedulers()
     text = batch[2]
-    den = lambda x, t: moa.prior_eps(unet, x, t, text[:len(x)])
+    den = lambda x, t: moa.prior_pred(unet, x, t, text[:len(x)])
     a = moa.sample(den, 2, 16, ddim, steps=2, seed=4)
     b = moa.sample(den, 1, 16, ddim, steps=2, seed=4)
     assert a.shape == (2, 3, 16, 16) and torch.allclose(a[0], b[0], atol=1e-5)
@@ -175,11 +175,31 @@ def test_sample_is_seeded_per_image(prior, batch):
 def test_save_and_load_prior(prior, batch, tmp_path):
     unet, te = prior
     x, t, text, _ = batch
-    moa.save_prior(tmp_path, unet, te, {"steps": 1})
-    u2, t2, prov = moa.load_prior(tmp_path)
-    assert prov == {"steps": 1}
-    assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    ddpm, _ = moa.noise_schedulers()
+    moa.save_prior(tmp_path, unet, te, ddpm, {"steps": 1})
+    u2, t2, ddpm2, prov = moa.load_prior(tmp_path)
+    assert prov == {"steps": 1} and ddpm2.config.prediction_type == "v_prediction"
+    assert sorted(f.name for f in tmp_path.iterdir()) == sorted([*moa.PRIOR_FILES, "provenance.json"])  # flat
     with torch.no_grad():
-        assert torch.equal(moa.prior_eps(u2, x, t, text), moa.prior_eps(unet, x, t, text))
-    with pytest.raises(FileNotFoundError, match="expected unet/"):
+        assert torch.equal(moa.prior_pred(u2, x, t, text), moa.prior_pred(unet, x, t, text))
+        assert torch.equal(t2(moa.null_ids(1)).last_hidden_state, te(moa.null_ids(1)).last_hidden_state)
+    with pytest.raises(FileNotFoundError, match="expected the files saved by save_prior"):
         moa.load_prior(tmp_path / "missing")
+
+
+def test_training_target_follows_the_scheduler():
+    "v-prediction (the default) trains on v = sqrt(abar) noise - sqrt(1 - abar) x0; epsilon on the noise."
+    x0 = torch.rand(4, 3, 16, 16) * 2 - 1
+    for kind in ("v_prediction", "epsilon"):
+        ddpm, ddim = moa.noise_schedulers(prediction_type=kind)
+        assert ddim.config.prediction_type == kind and ddim.config.timestep_spacing == "trailing"
+        xt, target, t = moa.diffusion_batch(ddpm, x0, torch.Generator().manual_seed(0))
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+        ab = ddpm.alphas_cumprod[t].view(-1, 1, 1, 1)
+        assert torch.allclose(xt, ab.sqrt() * x0 + (1 - ab).sqrt() * noise, atol=1e-5)
+        want = noise if kind == "epsilon" else ab.sqrt() * noise - (1 - ab).sqrt() * x0
+        assert torch.allclose(target, want, atol=1e-5)
+    ddim.set_timesteps(4)
+    assert int(ddim.timesteps[0]) == 999                      # sampling starts where the input is pure noise
+    with pytest.raises(ValueError, match="prediction_type"):
+        moa.diffusion_batch(moa.noise_schedulers(prediction_type="sample")[0], x0, torch.Generator())

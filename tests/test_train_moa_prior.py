@@ -7,12 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import tinylab.moa as moa
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+       "TINYLAB_COMMIT": "test-commit"}
 
 
 def run(script, *args):
@@ -26,20 +28,21 @@ def test_train_moa_prior_smoke(tmp_path):
     folder = tmp_path / "moa_prior"
     log = run("train_moa_prior.py", "--smoke", "--out", str(folder))
     assert "saved" in log
-    unet, te, prov = moa.load_prior(folder)
-    for key in ("commit", "script", "args", "steps", "final_loss", "device", "date", "torch"):
+    unet, te, ddpm, prov = moa.load_prior(folder)
+    for key in ("commit", "script", "args", "steps", "final_loss", "device", "date", "torch", "prediction_type"):
         assert key in prov, key
     assert prov["script"] == "benchmarks/train_moa_prior.py" and prov["steps"] == 3 and prov["args"]["smoke"]
-    assert (folder / "unet" / "diffusion_pytorch_model.safetensors").exists()
-    assert (folder / "text_encoder" / "model.safetensors").exists()
-    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert prov["commit"] == "test-commit" and ddpm.config.prediction_type == prov["prediction_type"] == "v_prediction"
+    assert not any(f.is_dir() for f in folder.iterdir())    # flat: the GPU run returns plain files only
+    assert (folder / "diffusion_pytorch_model.safetensors").exists() and (folder / "model.safetensors").exists()
+    size = sum(f.stat().st_size for f in folder.iterdir())
     assert size < 8e6, size                                  # a small checkpoint
     with torch.no_grad():                                    # it runs as the chapter uses it
         ctx = te(moa.encode_captions(["red object topleft day"])).last_hidden_state
-        assert moa.prior_eps(unet, torch.randn(1, 3, 16, 16), torch.tensor([3]), ctx).shape == (1, 3, 16, 16)
+        assert moa.prior_pred(unet, torch.randn(1, 3, 16, 16), torch.tensor([3]), ctx).shape == (1, 3, 16, 16)
     # resuming continues the step count
     run("train_moa_prior.py", "--smoke", "--resume", "--out", str(folder))
-    assert moa.load_prior(folder)[2]["steps"] == 6
+    assert moa.load_prior(folder)[3]["steps"] == 6
 
 
 def test_bench_two_expert_attention_smoke(tmp_path):
@@ -51,3 +54,13 @@ def test_bench_two_expert_attention_smoke(tmp_path):
     assert rec["checks"] and all(c["ok"] for c in rec["checks"])
     impls = {r["impl"] for r in rec["rows"]}
     assert {"fused (mixed)", "fused (split)", "2 x SDPA + mix", "2 x SDPA + split mix", "1 SDPA"} <= impls
+
+
+def test_moa_leak_experiment_smoke(tmp_path):
+    folder = tmp_path / "prior"
+    run("train_moa_prior.py", "--smoke", "--out", str(folder))
+    out = tmp_path / "leak.json"
+    run("moa_leak_experiment.py", "--smoke", "--prior", str(folder), "--out", str(out))
+    rec = json.loads(out.read_text())
+    assert [r["variant"] for r in rec["rows"]] == ["prior", "paper", "router x10", "+ background loss"]
+    assert all(np.isfinite([r["drift"], r["outside"], r["inside"]]).all() for r in rec["rows"])

@@ -8,6 +8,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,12 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 # %% auto #0
-__all__ = ['BACKGROUNDS', 'COLORS', 'SHAPES', 'POSITIONS', 'NOUN', 'VOCAB', 'WORD_ID', 'NOUN_SLOT', 'encode_captions', 'null_ids',
-           'shape_mask', 'glyph_mask', 'quadrant_box', 'render_scene', 'Scenes', 'random_scenes', 'with_coords',
-           'prior_eps', 'build_prior', 'noise_schedulers', 'diffusion_batch', 'train_prior', 'guided', 'sample',
-           'Router', 'MoAState', 'MoAAttnProcessor', 'ImageEncoder', 'PromptFusion', 'MoA', 'remove_moa',
-           'masked_diffusion_loss', 'layer_mask', 'router_loss', 'subject_refs', 'train_moa', 'FineTune',
-           'train_finetune', 'save_prior', 'load_prior']
+__all__ = ['BACKGROUNDS', 'COLORS', 'SHAPES', 'POSITIONS', 'NOUN', 'VOCAB', 'WORD_ID', 'NOUN_SLOT', 'PRIOR_FILES',
+           'encode_captions', 'null_ids', 'shape_mask', 'glyph_mask', 'quadrant_box', 'render_scene', 'Scenes',
+           'random_scenes', 'with_coords', 'prior_pred', 'build_prior', 'ddim_for', 'noise_schedulers',
+           'diffusion_batch', 'train_prior', 'guided', 'sample', 'Router', 'MoAState', 'MoAAttnProcessor',
+           'ImageEncoder', 'PromptFusion', 'MoA', 'remove_moa', 'masked_diffusion_loss', 'layer_mask', 'router_loss',
+           'subject_refs', 'train_moa', 'FineTune', 'train_finetune', 'save_prior', 'load_prior', 'background_image',
+           'read_scene']
 
 # %% ../nbs/40_moa.ipynb #moa-010
 # Scenes: a two-tone background (sky over ground), one object in a quadrant, a caption of four words.
@@ -130,8 +133,9 @@ def with_coords(x: torch.Tensor) -> torch.Tensor:
     xs = torch.linspace(-1, 1, W, device=x.device, dtype=x.dtype).view(1, 1, 1, W).expand(B, 1, H, W)
     return torch.cat([x, ys, xs], 1)
 
-def prior_eps(unet, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-    "The UNet's noise prediction for images x (B, 3, H, W) at timesteps t under text context (B, L, C)."
+def prior_pred(unet, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """The UNet's prediction for images x (B, 3, H, W) at timesteps t under text context (B, L, C): the velocity v
+    (or the noise, for a scheduler with `prediction_type="epsilon"`)."""
     return unet(with_coords(x), t, context).sample
 
 def build_prior(size: int = 16, channels: tuple[int, int] = (32, 64), text_dim: int = 64, heads: int = 4,
@@ -149,20 +153,30 @@ def build_prior(size: int = 16, channels: tuple[int, int] = (32, 64), text_dim: 
         num_attention_heads=heads, max_position_embeddings=8, pad_token_id=0, bos_token_id=1, eos_token_id=2))
     return unet, text_encoder
 
-def noise_schedulers(train_steps: int = 1000):
-    "DDPM for training (the forward process), DDIM with the same betas for sampling."
-    ddpm = DDPMScheduler(num_train_timesteps=train_steps, beta_schedule="squaredcos_cap_v2")
-    return ddpm, DDIMScheduler.from_config(ddpm.config, clip_sample=True, set_alpha_to_one=True)
+def ddim_for(ddpm) -> DDIMScheduler:
+    """DDIM with the training scheduler's betas and prediction type; "trailing" timesteps, so that sampling starts at
+    the last training timestep, where the input is pure noise (the schedule's terminal SNR is zero)."""
+    return DDIMScheduler.from_config(ddpm.config, clip_sample=True, set_alpha_to_one=True, timestep_spacing="trailing")
+
+def noise_schedulers(train_steps: int = 1000, prediction_type: str = "v_prediction"):
+    "DDPM for training (the forward process; the UNet predicts v by default), DDIM with the same betas for sampling."
+    ddpm = DDPMScheduler(num_train_timesteps=train_steps, beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type)
+    return ddpm, ddim_for(ddpm)
 
 def diffusion_batch(ddpm, images: torch.Tensor, gen: torch.Generator):
-    "Noise `images` at random DDPM timesteps: (noisy images, the noise, the timesteps)."
+    """Noise `images` at random DDPM timesteps: (noisy images, the UNet's target, the timesteps). The target is the
+    velocity v = sqrt(abar) noise - sqrt(1 - abar) x0 for `prediction_type="v_prediction"`, the noise for "epsilon"."""
     noise = torch.randn(images.shape, generator=gen).to(images.device)
     t = torch.randint(0, ddpm.config.num_train_timesteps, (images.shape[0],), generator=gen).to(images.device)
-    return ddpm.add_noise(images, noise, t), noise, t
+    kind = ddpm.config.prediction_type
+    if kind not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {kind!r}")
+    target = noise if kind == "epsilon" else ddpm.get_velocity(images, noise, t)
+    return ddpm.add_noise(images, noise, t), target, t
 
 def train_prior(unet, text_encoder, ddpm, data: Scenes, steps: int, batch_size: int = 32, lr: float = 2e-3,
                 seed: int = 0, progress=None, p_uncond: float = 0.1) -> list[float]:
-    """Train UNet and text encoder with the standard DDPM loss (predict the noise) on `data`; a fraction `p_uncond`
+    """Train UNet and text encoder with the DDPM loss (predict v, or the noise) on `data`; a fraction `p_uncond`
     of the captions is replaced by the empty one, for classifier-free guidance. Returns the losses."""
     params = [*unet.parameters(), *text_encoder.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -175,21 +189,22 @@ def train_prior(unet, text_encoder, ddpm, data: Scenes, steps: int, batch_size: 
         x0, ids = data.images[idx].to(dev), data.ids[idx].to(dev)
         drop = torch.rand(batch_size, generator=gen) < p_uncond                # captions dropped for guidance
         ids = torch.where(drop.to(dev)[:, None], null_ids(batch_size).to(dev), ids)
-        xt, noise, t = diffusion_batch(ddpm, x0, gen)
-        loss = F.mse_loss(prior_eps(unet, xt, t, text_encoder(ids).last_hidden_state), noise)
+        xt, target, t = diffusion_batch(ddpm, x0, gen)
+        loss = F.mse_loss(prior_pred(unet, xt, t, text_encoder(ids).last_hidden_state), target)
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step(); sched.step()
         losses.append(loss.item())
     unet.eval(); text_encoder.eval()
     return losses
 
-def guided(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    "Classifier-free guidance: eps_u + s (eps_c - eps_u); s = 1 is the conditional prediction alone."
-    return eps_uncond + scale * (eps_cond - eps_uncond)
+def guided(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    "Classifier-free guidance: u + s (c - u) on the predictions (v or noise); s = 1 is the conditional one alone."
+    return pred_uncond + scale * (pred_cond - pred_uncond)
 
 @torch.no_grad()
 def sample(denoiser, n: int, size: int, ddim, steps: int = 20, seed: int = 0, device="cpu") -> torch.Tensor:
-    """DDIM (eta 0) images (n, 3, size, size) in [-1, 1]; `denoiser(x, t)` predicts the noise. Image i starts from
+    """DDIM (eta 0) images (n, 3, size, size) in [-1, 1]; `denoiser(x, t)` predicts what `ddim` expects (its
+    `prediction_type`: v or the noise). Image i starts from
     noise seeded `seed + i`, so it is the same draw whatever else is in the batch and whichever model denoises."""
     x = torch.stack([torch.randn(3, size, size, generator=torch.Generator().manual_seed(seed + i))
                      for i in range(n)]).to(device)
@@ -321,7 +336,7 @@ class MoA(nn.Module):
     def forward(self, x, t, text, refs=None, force=None, record=False):
         self.state.context, self.state.force, self.state.record, self.state.maps = self.context(text, refs), force, record, {}
         try:
-            return prior_eps(self.unet, x, t, text)
+            return prior_pred(self.unet, x, t, text)
         finally:
             self.state.context, self.state.force, self.state.record = None, None, False
 
@@ -331,12 +346,12 @@ def remove_moa(unet: UNet2DConditionModel) -> UNet2DConditionModel:
     return unet
 
 # %% ../nbs/40_moa.ipynb #moa-025
-def masked_diffusion_loss(eps_hat: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    "Mean squared noise error inside the subject's mask only: sum(M (eps_hat - eps)^2) / (channels * sum(M))."
-    if mask.shape[0] != eps.shape[0] or mask.shape[-2:] != eps.shape[-2:]:
-        raise ValueError(f"mask must be (B, 1, H, W) matching eps {tuple(eps.shape)}, got {tuple(mask.shape)}")
-    err = ((eps_hat - eps) ** 2 * mask).sum()
-    return err / (mask.sum() * eps.shape[1]).clamp_min(1.0)
+def masked_diffusion_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    "Mean squared error of the prediction (v or noise) inside the subject's mask only: sum(M (pred - target)^2) / (channels * sum(M))."
+    if mask.shape[0] != target.shape[0] or mask.shape[-2:] != target.shape[-2:]:
+        raise ValueError(f"mask must be (B, 1, H, W) matching the target {tuple(target.shape)}, got {tuple(mask.shape)}")
+    err = ((pred - target) ** 2 * mask).sum()
+    return err / (mask.sum() * target.shape[1]).clamp_min(1.0)
 
 def layer_mask(mask: torch.Tensor, n_tokens: int) -> torch.Tensor:
     "The (B, 1, H, W) mask at a square attention layer of `n_tokens` pixels, flattened to (B, n_tokens)."
@@ -371,11 +386,11 @@ def train_moa(moa: MoA, text_encoder, ddpm, data: Scenes, subjects: np.ndarray, 
         idx = torch.randint(0, len(data.images), (batch_size,), generator=gen)
         x0, mask = data.images[idx], data.masks[idx]
         refs = subject_refs(subjects, [data.labels[int(i)]["subject"] for i in idx], q)
-        xt, noise, t = diffusion_batch(ddpm, x0, gen)
+        xt, target, t = diffusion_batch(ddpm, x0, gen)
         with torch.no_grad():
             text = text_encoder(data.ids[idx]).last_hidden_state
-        eps_hat = moa(xt, t, text, refs, record=True)
-        l_mask, l_router = masked_diffusion_loss(eps_hat, noise, mask), router_loss(moa.state.maps, mask)
+        pred = moa(xt, t, text, refs, record=True)
+        l_mask, l_router = masked_diffusion_loss(pred, target, mask), router_loss(moa.state.maps, mask)
         loss = l_mask + router_weight * l_router
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(moa.trainable_parameters(), 1.0); opt.step()
@@ -393,7 +408,7 @@ class FineTune(nn.Module):
 
     def forward(self, x, t, text, refs=None):
         ctx = text if refs is None else self.fusion(text, self.image_encoder(refs))
-        return prior_eps(self.unet, x, t, ctx)
+        return prior_pred(self.unet, x, t, ctx)
 
 def train_finetune(model: FineTune, text_encoder, ddpm, data: Scenes, subjects: np.ndarray, steps: int,
                    batch_size: int = 32, lr: float = 1e-3, seed: int = 0, progress=None) -> list[float]:
@@ -405,10 +420,10 @@ def train_finetune(model: FineTune, text_encoder, ddpm, data: Scenes, subjects: 
     for _ in (progress(range(steps)) if progress else range(steps)):
         idx = torch.randint(0, len(data.images), (batch_size,), generator=gen)
         refs = subject_refs(subjects, [data.labels[int(i)]["subject"] for i in idx], q)
-        xt, noise, t = diffusion_batch(ddpm, data.images[idx], gen)
+        xt, target, t = diffusion_batch(ddpm, data.images[idx], gen)
         with torch.no_grad():
             text = text_encoder(data.ids[idx]).last_hidden_state
-        loss = F.mse_loss(model(xt, t, text, refs), noise)
+        loss = F.mse_loss(model(xt, t, text, refs), target)
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
         log.append(loss.item())
@@ -416,19 +431,49 @@ def train_finetune(model: FineTune, text_encoder, ddpm, data: Scenes, subjects: 
     return log
 
 # %% ../nbs/40_moa.ipynb #moa-027
-def save_prior(folder, unet, text_encoder, provenance: dict) -> Path:
-    "Save the prior with `save_pretrained` (safetensors) into folder/unet and folder/text_encoder, and its provenance."
-    folder = Path(folder)
-    unet.save_pretrained(folder / "unet"); text_encoder.save_pretrained(folder / "text_encoder")
+PRIOR_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "text_encoder_config.json", "model.safetensors",
+               "scheduler_config.json")
+
+def save_prior(folder, unet, text_encoder, ddpm, provenance: dict) -> Path:
+    """Save the prior into one flat folder with `save_pretrained` (safetensors): the UNet (config.json,
+    diffusion_pytorch_model.safetensors), the text encoder (model.safetensors; its config as text_encoder_config.json),
+    the training scheduler (scheduler_config.json, with its prediction type), and provenance.json."""
+    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    unet.save_pretrained(folder); ddpm.save_pretrained(folder)
+    with tempfile.TemporaryDirectory() as d:
+        text_encoder.save_pretrained(d)
+        for src, dst in (("model.safetensors", "model.safetensors"), ("config.json", "text_encoder_config.json")):
+            shutil.copyfile(Path(d) / src, folder / dst)
     (folder / "provenance.json").write_text(json.dumps(provenance, indent=1))
     return folder
 
 def load_prior(folder):
-    "(unet, text_encoder, provenance) saved by `save_prior`, loaded with `from_pretrained` from a local folder."
+    """(unet, text_encoder, ddpm, provenance) saved by `save_prior`, loaded with `from_pretrained` from a local folder;
+    `ddpm` is the scheduler the prior was trained with (sample with `ddim_for(ddpm)`)."""
     folder = Path(folder)
-    if not (folder / "unet").is_dir() or not (folder / "text_encoder").is_dir():
-        raise FileNotFoundError(f"{folder}: expected unet/ and text_encoder/ saved by save_prior")
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
-    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    missing = [f for f in PRIOR_FILES if not (folder / f).exists()]
+    if missing:
+        raise FileNotFoundError(f"{folder}: expected the files saved by save_prior, missing {missing}")
+    unet = UNet2DConditionModel.from_pretrained(folder).eval()
+    text_encoder = CLIPTextModel.from_pretrained(folder, config=CLIPTextConfig.from_json_file(folder / "text_encoder_config.json")).eval()
+    ddpm = DDPMScheduler.from_pretrained(folder)
     prov = json.loads((folder / "provenance.json").read_text()) if (folder / "provenance.json").exists() else {}
-    return unet, text_encoder, prov
+    return unet, text_encoder, ddpm, prov
+
+# %% ../nbs/40_moa.ipynb #moa-034a
+def background_image(background: str, size: int) -> torch.Tensor:
+    "The background alone, (3, size, size) in [-1, 1]: its sky over its ground."
+    sky, ground = (torch.tensor(c).view(3, 1, 1) * 2 - 1 for c in BACKGROUNDS[background])
+    rows = torch.arange(size).view(1, size, 1)
+    return torch.where(rows < size // 2, sky, ground).expand(3, size, size)
+
+def read_scene(img: torch.Tensor) -> tuple[str, str]:
+    """(background, position) read off an image (3, S, S) in [-1, 1]: per background, the mean deviation of each
+    quadrant from it; the background that best explains the three quadrants other than its most deviating one, and
+    that quadrant as the object's position."""
+    img = img.detach().cpu().float()
+    size = img.shape[-1]; q = size // 2
+    dev = torch.stack([torch.stack([(img - background_image(b, size))[:, r:r + q, c:c + q].abs().mean()
+                                    for r, c in (quadrant_box(p, size) for p in POSITIONS)]) for b in BACKGROUNDS])
+    b = int((dev.sum(1) - dev.max(1).values).argmin())
+    return list(BACKGROUNDS)[b], POSITIONS[int(dev[b].argmax())]
