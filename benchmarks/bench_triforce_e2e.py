@@ -37,7 +37,7 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tinylab.core import benchmark
-from tinylab.triforce import (FlatKVCache, TriForceConfig, _forward, _now, _triforce_attention, autoregressive_generate,
+from tinylab.triforce import (FlatKVCache, TriForceConfig, _forward, _now, _prefill, _triforce_attention, autoregressive_generate,
                               retrieval_selection, streaming_selection, triforce_generate)
 
 SIZES = {  # target, draft, training and decoding settings; "smoke" checks the script anywhere in a minute
@@ -180,6 +180,13 @@ def context_loss(model, ids: list[int], tail: int = 256, short: int = 1024) -> d
     return {"whole context": loss(ids), f"last {short} tokens": loss(ids[-(short + tail):])}
 
 
+def level_passes(tf: TriForceConfig) -> dict:
+    "The forward passes whose cost is measured at each context, by the stable keys the JSON uses, with what each one is."
+    return {"draft": "draft, 1 token (StreamingLLM cache)", "middle": f"target, {tf.gamma1 + 1} tokens, retrieval cache",
+            "full1": "target, 1 token, full cache", "check": f"target, {tf.gamma2 + 1} tokens, full cache",
+            "build": "retrieval cache build (all layers)"}
+
+
 def _one_pass(model, cache: FlatKVCache, tokens: list[int], select):
     "A forward pass of `tokens` that leaves `cache` as it found it (the tokens are appended, then rolled back)."
     n0 = cache.get_seq_length()
@@ -188,22 +195,21 @@ def _one_pass(model, cache: FlatKVCache, tokens: list[int], select):
 
 @torch.no_grad()
 def level_costs(target, draft, ids: list[int], tf: TriForceConfig, dev) -> dict:
-    """Milliseconds of one forward pass of each level at this context: wall clock (median of 5,
-    `tinylab.core.benchmark`) and, on a GPU, kernel time; and where the newest token's attention goes."""
+    """Milliseconds of one forward pass of each level at this context (keyed as `level_passes` says): wall clock
+    (median of 5, `tinylab.core.benchmark`) and, on a GPU, kernel time; and where the newest token's attention goes."""
     full, dcache = FlatKVCache(target, len(ids) + 16), FlatKVCache(draft, len(ids) + 16)
-    _forward(target, ids[:-2], full); _forward(draft, ids[:-1], dcache)
     record = {}
+    _prefill(target, ids, full, record); _forward(draft, ids[:-1], dcache)
     with _triforce_attention(target, draft):
-        _forward(target, ids[-2:-1], full, record=record)
         n, queries = full.get_seq_length(), {l: q[:, :, -1] for l, q in record.items()}
         retrieval = retrieval_selection(queries, full, n, tf.budget, tf.chunk_size)
         streaming = streaming_selection(dcache.get_seq_length(), len(dcache.k), 1, dcache.k[0].shape[1], tf.sinks, tf.window,
                                         tf.chunk_size, dev)
-        fns = {"draft, 1 token (StreamingLLM cache)": _one_pass(draft, dcache, [1], streaming),
-               f"target, {tf.gamma1 + 1} tokens, retrieval cache": _one_pass(target, full, [1] * (tf.gamma1 + 1), retrieval),
-               "target, 1 token, full cache": _one_pass(target, full, [1], None),
-               f"target, {tf.gamma2 + 1} tokens, full cache": _one_pass(target, full, [1] * (tf.gamma2 + 1), None),
-               "retrieval cache build (all layers)": lambda: retrieval_selection(queries, full, n, tf.budget, tf.chunk_size)}
+        fns = {"draft": _one_pass(draft, dcache, [1], streaming),
+               "middle": _one_pass(target, full, [1] * (tf.gamma1 + 1), retrieval),
+               "full1": _one_pass(target, full, [1], None),
+               "check": _one_pass(target, full, [1] * (tf.gamma2 + 1), None),
+               "build": lambda: retrieval_selection(queries, full, n, tf.budget, tf.chunk_size)}
         costs = {"wall_ms": benchmark(fns, warmup=1, repeats=5, device=dev)["ms"].to_dict(),
                  "attention_share": attention_share(queries, full, n, retrieval)}
         if dev.type == "cuda":
@@ -287,7 +293,7 @@ def run(data: Path, out: Path | None, size: str, seed: int = 0, **overrides):
                                     seconds=train_seconds, validation_loss=val),
                       triforce=dict(gamma1=tf.gamma1, gamma2=tf.gamma2, budget=tf.budget, chunk_size=tf.chunk_size,
                                     sinks=tf.sinks, window=tf.window, temperature=tf.temperature),
-                      rows=rows, levels={str(k): v for k, v in costs.items()})
+                      passes=level_passes(tf), rows=rows, levels={str(k): v for k, v in costs.items()})
         if out is not None:                                # after every context, so a cut-off run keeps what it measured
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(result, indent=1))

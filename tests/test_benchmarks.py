@@ -32,6 +32,7 @@ def test_triforce_e2e_smoke(tmp_path):
     for level in result["levels"].values():
         assert 0 < level["attention_share"]["retrieval cache"] <= level["attention_share"]["best tokens"] + 1e-6 <= 1 + 1e-6
         assert len(level["loss"]) == 2 and "whole context" in level["loss"]
+        assert set(level["wall_ms"]) == set(result["passes"])   # each pass by its stable key, described once
 
 
 def test_triforce_kernel_benchmark_smoke(tmp_path):

@@ -5,6 +5,7 @@
 # %% ../nbs/21_triforce.ipynb #cell-004
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from dataclasses import dataclass
@@ -251,9 +252,10 @@ def _now(model) -> float:
     return time.perf_counter()
 
 
-def _cache_keyword(model) -> str:
-    "The keyword `model.forward` takes its KV cache by: `cache` in recent `transformers`, `past_key_values` before."
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    "The keyword a model class's `forward` takes its KV cache by: `cache` in recent `transformers`, `past_key_values` before."
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def _forward(model, tokens: list[int], cache: FlatKVCache, select=None, record=None) -> torch.Tensor:
@@ -261,10 +263,19 @@ def _forward(model, tokens: list[int], cache: FlatKVCache, select=None, record=N
     start, dev = cache.get_seq_length(), next(model.parameters()).device
     pos = torch.arange(start, start + len(tokens), device=dev)[None]
     logits = model(input_ids=torch.tensor([tokens], device=dev), position_ids=pos, use_cache=True,
-                   kv_select=select, kv_record=record, **{_cache_keyword(model): cache}).logits[0]
+                   kv_select=select, kv_record=record, **{_cache_keyword(type(model)): cache}).logits[0]
     if cache.get_seq_length() != start + len(tokens):   # an unknown keyword would be swallowed: fail loudly instead
         raise RuntimeError(f"{type(model).__name__} did not write its keys and values into the FlatKVCache")
     return logits
+
+
+def _prefill(model, tokens: list[int], cache: FlatKVCache, record: dict | None = None):
+    """The prompt into `cache`, all but its last token (which stays pending for the first decoding step): the model's
+    own attention up to the last cached token, which goes through the triforce attention and records its queries."""
+    if len(tokens) > 2:
+        _forward(model, tokens[:-2], cache)
+    with _triforce_attention(model):
+        _forward(model, tokens[-2:-1], cache, record=record)
 
 
 def unsupported_attention(config, length: int) -> list[str]:
@@ -315,11 +326,9 @@ def autoregressive_generate(model, input_ids, max_new_tokens: int, temperature: 
     _check_target(model, len(seq) + max_new_tokens)
     n0, t0 = len(seq), _now(model)
     cache = FlatKVCache(model, n0 + max_new_tokens)
-    if n0 > 2:
-        _forward(model, seq[:-2], cache)                   # prefill with the model's own attention
+    _prefill(model, seq, cache)
+    t_prefill = _now(model) - t0
     with _triforce_attention(model):
-        _forward(model, seq[-2:-1], cache)
-        t_prefill = _now(model) - t0
         logits = _forward(model, seq[-1:], cache)[-1]
         while True:
             x = int(torch.multinomial(to_probs(logits, temperature).cpu(), 1, generator=generator))
@@ -360,16 +369,13 @@ def triforce_generate(target, draft, input_ids, max_new_tokens: int, cfg: TriFor
                                        C, full.k[0].device)
         return retrieval_selection(queries, full, n, cfg.budget, C)
 
-    # prefill, with the models' own attention: both caches take all prompt tokens but the last, which is "pending";
-    # the target's last cached token goes through the triforce attention to record its queries
-    if n_prompt > 2:
-        _forward(target, seq[:-2], full)
+    # prefill: both caches take all prompt tokens but the last, which is "pending"
+    record = {}
+    _prefill(target, seq, full, record)
     _forward(draft, seq[:-1], dcache)
+    select = middle_select({layer: q[:, :, -1] for layer, q in record.items()})
+    stats.prefill_seconds = _now(target) - t_start
     with _triforce_attention(target, draft):
-        record = {}
-        _forward(target, seq[-2:-1], full, record=record)
-        select = middle_select({layer: q[:, :, -1] for layer, q in record.items()})
-        stats.prefill_seconds = _now(target) - t_start
         while len(seq) - n_prompt < max_new_tokens:
             n0 = len(seq)                                  # committed tokens; the full cache holds n0 - 1
             mid, mid_q = [], []
