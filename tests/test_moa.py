@@ -203,3 +203,43 @@ def test_training_target_follows_the_scheduler():
     assert int(ddim.timesteps[0]) == 999                      # sampling starts where the input is pure noise
     with pytest.raises(ValueError, match="prediction_type"):
         moa.diffusion_batch(moa.noise_schedulers(prediction_type="sample")[0], x0, torch.Generator())
+
+
+def test_router_start_and_region(prior, batch):
+    "router_init sets every pixel's starting weights; a region of zeros is the forced prior exactly; a full one changes nothing."
+    unet, _ = prior
+    x, t, text, refs = batch
+    r = moa.Router(32, prior_bias=4.0)
+    w = r(torch.randn(2, 5, 32))
+    assert torch.allclose(w[..., 1], torch.full((2, 5), 1 / (1 + np.exp(4.0)), dtype=torch.float32))
+    assert torch.allclose(moa.Router(32)(torch.randn(1, 3, 32)), torch.full((1, 3, 2), 0.5))
+    m = perturbed_moa(unet)
+    assert all(torch.allclose(rt.net[2].bias, torch.tensor([0.0, 0.0])) for rt in moa.MoA(unet, 32).routers.values())
+    assert all(torch.allclose(rt.net[2].bias, torch.tensor([2.0, 0.0])) for rt in moa.MoA(unet, 32, router_init=2.0).routers.values())
+    with torch.no_grad():
+        forced = m(x, t, text, refs, force="prior")
+        free = m(x, t, text, refs)
+        zero = m(x, t, text, refs, region=torch.zeros(2, 1, 16, 16))
+        full = m(x, t, text, refs, region=torch.ones(2, 1, 16, 16))
+    assert (zero - forced).abs().max().item() == 0.0
+    assert torch.allclose(full, free, atol=1e-6) and (free - forced).abs().max() > 1e-3
+    assert m.state.region is None                                  # reset after the call
+
+
+def test_subject_refs_and_router_lr(prior):
+    "subject_refs (one interpolate call) equals the per-glyph glyph_mask; router_lr trains the routers at its own rate."
+    from sklearn.datasets import load_digits
+    digits = load_digits().images[:20]
+    idx = [3, 7, 7, 19, 0]
+    old = torch.stack([moa.glyph_mask(digits[i], 8)[None] * 2 - 1 for i in idx])
+    assert (moa.subject_refs(digits, idx, 8) - old).abs().max().item() == 0.0
+    unet, te = prior
+    ddpm, _ = moa.noise_schedulers()
+    data = moa.random_scenes(16, 16, np.random.default_rng(0), subjects=digits)
+    moved = {}
+    for router_lr in (0.0, None):
+        m = moa.MoA(unet, 32)
+        before = {n: p.detach().clone() for n, p in m.routers.named_parameters()}
+        moa.train_moa(m, te, ddpm, data, digits, steps=1, batch_size=4, lr=1e-2, router_lr=router_lr)
+        moved[router_lr] = max((p.detach() - before[n]).abs().max().item() for n, p in m.routers.named_parameters())
+    assert moved[0.0] == 0.0 and moved[None] > 0

@@ -64,3 +64,29 @@ def test_moa_leak_experiment_smoke(tmp_path):
     rec = json.loads(out.read_text())
     assert [r["variant"] for r in rec["rows"]] == ["prior", "paper", "router x10", "+ background loss"]
     assert all(np.isfinite([r["drift"], r["outside"], r["inside"]]).all() for r in rec["rows"])
+
+
+def test_train_moa_personalise_smoke(tmp_path):
+    "benchmarks/train_moa_personalise.py on the recorded prior: a few CPU steps per model, the JSON the chapter renders, a resume."
+    out = tmp_path / "pers"
+    log = run("train_moa_personalise.py", "--smoke", "--out", str(out))
+    assert "wrote" in log
+    rec = json.loads((out / "moa_personalise_h200.json").read_text())
+    for key in ("device", "torch", "date", "commit", "args", "phases", "rows", "per_model", "grid", "prior", "steps_total"):
+        assert key in rec, key
+    assert rec["commit"] == "test-commit" and rec["args"]["smoke"]
+    rows = {r["variant"]: r for r in rec["rows"]}
+    assert set(rows) == {"moa_half", "moa_prior_init", "finetune"}
+    for v in ("moa_half", "moa_prior_init"):
+        assert rows[v]["forced_prior_drift_max"] == 0.0                 # routing all to the prior: no drift at all
+        assert rows[v]["control"]["outcome"] == "does not hold"          # and no subject: the control fails the row
+        assert 0 <= rows[v]["router_outside"] <= 1 and "oracle_router" in rows[v]
+        assert rows[v]["headline"]["outcome"] in ("holds", "does not hold", "inconclusive")
+    assert np.isfinite([r["drift"] for r in rec["rows"]]).all()
+    assert len(rec["grid"]["images"]["prior"]) == len(rec["grid"]["prompts"])
+    tar = out / "moa_personalise_weights.tar.gz"
+    assert tar.exists() and tar.stat().st_size < 16 * 2 ** 20
+    out2 = tmp_path / "pers2"
+    run("train_moa_personalise.py", "--smoke", "--out", str(out2), "--resume", str(tar))
+    rec2 = json.loads((out2 / "moa_personalise_h200.json").read_text())
+    assert rec2["steps_total"] == {v: 2 * rec["steps_total"][v] for v in rec["steps_total"]}

@@ -217,11 +217,15 @@ def sample(denoiser, n: int, size: int, ddim, steps: int = 20, seed: int = 0, de
 from .kernels.two_expert_attention import two_expert_attention
 
 class Router(nn.Module):
-    "Per-pixel soft weights over the two experts (prior, personalised) from the layer's input: a 2-layer MLP, softmax."
-    def __init__(self, dim: int, hidden: int = 32):
+    """Per-pixel soft weights over the two experts (prior, personalised) from the layer's input: a 2-layer MLP, softmax.
+    It starts at the same weights for every pixel: the prior's logit `prior_bias` above the personalised one, i.e.
+    R_pers = 1 / (1 + exp(prior_bias)) (1/2 for 0, 0.018 for 4)."""
+    def __init__(self, dim: int, hidden: int = 32, prior_bias: float = 0.0):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, 2))
-        nn.init.zeros_(self.net[2].weight); nn.init.zeros_(self.net[2].bias)   # starts at (1/2, 1/2)
+        nn.init.zeros_(self.net[2].weight); nn.init.zeros_(self.net[2].bias)
+        with torch.no_grad():
+            self.net[2].bias[0] = prior_bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:    # x (B, N, C) -> (B, N, 2)
         return self.net(x).softmax(-1)
@@ -229,10 +233,12 @@ class Router(nn.Module):
 @dataclass
 class MoAState:
     """What the processors read on each UNet call: the personalised branch's context (multimodal prompt), an
-    optional forced routing ("prior" or "personal"), whether to record the router maps, and whether to use the
-    fused kernel (None: on CUDA tensors without autograd; True: always, through Triton; False: never)."""
+    optional forced routing ("prior" or "personal"), an optional `region` (B, 1, H, W) outside which the personalised
+    weight is set to zero (a diagnosis: the router made perfect outside the subject), whether to record the router maps,
+    and whether to use the fused kernel (None: on CUDA tensors without autograd; True: always, through Triton; False: never)."""
     context: torch.Tensor | None = None
     force: str | None = None
+    region: torch.Tensor | None = None
     record: bool = False
     kernel: bool | None = None
     maps: dict = field(default_factory=dict)
@@ -263,6 +269,9 @@ class MoAAttnProcessor:
         w = self.router(x)                                                    # (B, N, 2)
         if self.state.force is not None:
             w = torch.zeros_like(w); w[..., 0 if self.state.force == "prior" else 1] = 1
+        elif self.state.region is not None:                                   # personalised weight only inside the region
+            pers = w[..., 1] * layer_mask(self.state.region, w.shape[1]).to(w)
+            w = torch.stack([1 - pers, pers], -1)
         if self.state.record:
             self.state.maps[self.name] = w[..., 1]         # kept in the graph: the router loss trains through it
         q1, k1, v1 = _qkv(attn, x, encoder_hidden_states)
@@ -308,8 +317,9 @@ class PromptFusion(nn.Module):
 class MoA(nn.Module):
     """Mixture-of-Attention around a frozen prior UNet: every attention layer gets a trainable personalised expert
     (initialised from the prior's) and a router, installed with `unet.set_attn_processor`. Also owns the subject's
-    image encoder and the prompt fusion. It works on a frozen copy of `unet`."""
-    def __init__(self, unet: UNet2DConditionModel, text_dim: int, router_hidden: int = 32):
+    image encoder and the prompt fusion. It works on a frozen copy of `unet`. `router_init` is the routers' starting
+    prior logit (`Router`'s `prior_bias`): 0 starts every pixel at half and half."""
+    def __init__(self, unet: UNet2DConditionModel, text_dim: int, router_hidden: int = 32, router_init: float = 0.0):
         super().__init__()
         self.unet = copy.deepcopy(unet).requires_grad_(False)    # the prior's own object is left untouched
         self.state = MoAState()
@@ -320,7 +330,7 @@ class MoA(nn.Module):
                 key = name.replace(".", "_")
                 self.experts[key] = copy.deepcopy(module).requires_grad_(True)
                 self.experts[key].set_processor(AttnProcessor2_0())
-                self.routers[key] = Router(module.to_q.in_features, router_hidden)
+                self.routers[key] = Router(module.to_q.in_features, router_hidden, router_init)
                 procs[name + ".processor"] = MoAAttnProcessor(name, self.experts[key], self.routers[key], self.state)
         self.layer_names = [p[:-len(".processor")] for p in procs]
         self.image_encoder, self.fusion = ImageEncoder(text_dim), PromptFusion(text_dim)
@@ -333,12 +343,13 @@ class MoA(nn.Module):
         "The personalised branch's context: the text context with the reference images fused into the noun token."
         return None if refs is None else self.fusion(text, self.image_encoder(refs))
 
-    def forward(self, x, t, text, refs=None, force=None, record=False):
+    def forward(self, x, t, text, refs=None, force=None, record=False, region=None):
         self.state.context, self.state.force, self.state.record, self.state.maps = self.context(text, refs), force, record, {}
+        self.state.region = region
         try:
             return prior_pred(self.unet, x, t, text)
         finally:
-            self.state.context, self.state.force, self.state.record = None, None, False
+            self.state.context, self.state.force, self.state.record, self.state.region = None, None, False, None
 
 def remove_moa(unet: UNet2DConditionModel) -> UNet2DConditionModel:
     "Put diffusers' plain processor back in every attention layer (the prior alone)."
@@ -371,24 +382,30 @@ def router_loss(maps: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tens
     return torch.stack(losses).mean()
 
 def subject_refs(subjects: np.ndarray, idx, q: int) -> torch.Tensor:
-    "Reference images (n, 1, q, q) in [-1, 1] of subjects `idx` (the image encoder's input)."
-    return torch.stack([glyph_mask(subjects[int(i)], q)[None] * 2 - 1 for i in idx])
+    "Reference images (n, 1, q, q) in [-1, 1] of subjects `idx` (the image encoder's input): their `glyph_mask`s, in one call."
+    g = torch.as_tensor(np.asarray(subjects)[np.asarray(idx, dtype=np.int64)], dtype=torch.float32)[:, None] / 16
+    return F.interpolate(g, size=(q, q), mode="bilinear", align_corners=False).clamp(0, 1) * 2 - 1
 
 def train_moa(moa: MoA, text_encoder, ddpm, data: Scenes, subjects: np.ndarray, steps: int, batch_size: int = 32,
-              lr: float = 1e-3, router_weight: float = 1.0, seed: int = 0, progress=None) -> list[dict]:
+              lr: float = 1e-3, router_weight: float = 1.0, seed: int = 0, progress=None,
+              router_lr: float | None = None) -> list[dict]:
     """Personalisation: only MoA's experts, routers, image encoder and fusion learn (prior UNet and text encoder
-    frozen). Loss: masked diffusion loss on the subject plus `router_weight` times the router loss."""
-    opt = torch.optim.AdamW(moa.trainable_parameters(), lr=lr, weight_decay=0.0)
+    frozen). Loss: masked diffusion loss on the subject plus `router_weight` times the router loss. The routers
+    learn at `router_lr` (default: `lr`, like everything else)."""
+    routers = {id(p) for p in moa.routers.parameters()}
+    groups = [{"params": [p for p in moa.trainable_parameters() if id(p) not in routers]},
+              {"params": list(moa.routers.parameters()), "lr": lr if router_lr is None else router_lr}]
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     gen, log = torch.Generator().manual_seed(seed), []
     text_encoder.requires_grad_(False); moa.train()
-    q = data.images.shape[-1] // 2
+    q, dev = data.images.shape[-1] // 2, moa.trainable_parameters()[0].device
     for _ in (progress(range(steps)) if progress else range(steps)):
         idx = torch.randint(0, len(data.images), (batch_size,), generator=gen)
-        x0, mask = data.images[idx], data.masks[idx]
-        refs = subject_refs(subjects, [data.labels[int(i)]["subject"] for i in idx], q)
+        x0, mask = data.images[idx].to(dev), data.masks[idx].to(dev)
+        refs = subject_refs(subjects, [data.labels[int(i)]["subject"] for i in idx], q).to(dev)
         xt, target, t = diffusion_batch(ddpm, x0, gen)
         with torch.no_grad():
-            text = text_encoder(data.ids[idx]).last_hidden_state
+            text = text_encoder(data.ids[idx].to(dev)).last_hidden_state
         pred = moa(xt, t, text, refs, record=True)
         l_mask, l_router = masked_diffusion_loss(pred, target, mask), router_loss(moa.state.maps, mask)
         loss = l_mask + router_weight * l_router
@@ -416,13 +433,13 @@ def train_finetune(model: FineTune, text_encoder, ddpm, data: Scenes, subjects: 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     gen, log = torch.Generator().manual_seed(seed), []
     text_encoder.requires_grad_(False); model.train()
-    q = data.images.shape[-1] // 2
+    q, dev = data.images.shape[-1] // 2, next(model.parameters()).device
     for _ in (progress(range(steps)) if progress else range(steps)):
         idx = torch.randint(0, len(data.images), (batch_size,), generator=gen)
-        refs = subject_refs(subjects, [data.labels[int(i)]["subject"] for i in idx], q)
-        xt, target, t = diffusion_batch(ddpm, data.images[idx], gen)
+        refs = subject_refs(subjects, [data.labels[int(i)]["subject"] for i in idx], q).to(dev)
+        xt, target, t = diffusion_batch(ddpm, data.images[idx].to(dev), gen)
         with torch.no_grad():
-            text = text_encoder(data.ids[idx]).last_hidden_state
+            text = text_encoder(data.ids[idx].to(dev)).last_hidden_state
         loss = F.mse_loss(model(xt, t, text, refs), target)
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
