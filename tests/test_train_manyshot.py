@@ -42,7 +42,8 @@ def test_provenance_and_training(record):
     assert record["cache_check"]["max_abs_dnll"] < 1e-4      # the shared cache is used, not silently ignored
     assert record["loss"] == "answers"                          # the chapter's loss: the answer tokens only
     assert record["kernel_check"]["max_abs_dlogp"] < 1e-4 and record["eval_attention"] == "sdpa (DynamicCache)"   # the CPU path
-    for phase in ("data", "calibration", "training", "cache_check", "icl", "baselines", "addition", "finetune", "total"):
+    assert [c["call"] for c in record["calls"]] == [1] and record["curriculum"]["rows"] > 0
+    for phase in ("data", "training", "cache_check", "icl", "baselines", "addition", "finetune", "total"):
         assert record["phases"][phase] >= 0, phase
 
 
@@ -89,3 +90,21 @@ def test_gpu_preset_is_the_chapters():
     assert ns["PRESETS"]["gpu"] == mod.GPU
     mix = next(c.source for c in nb.cells if c.cell_type == "code" and c.source.startswith("MIX = "))
     assert eval(mix.split("\n")[0].split("=", 1)[1]) == mod.MIX
+
+
+def test_two_calls_checkpoint_and_resume(tmp_path):
+    "The GPU run in two calls: the first trains and saves one small checkpoint, the second resumes it and evaluates."
+    ckpt, first, final = tmp_path / "ckpt" / "manyshot_ckpt.safetensors", tmp_path / "call1.json", tmp_path / "final.json"
+    res = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--steps", "6", "--ckpt-out", str(ckpt), "--out", str(first)],
+                         capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert ckpt.stat().st_size < 16 * 2**20
+    part = json.loads(first.read_text())
+    assert part["step"] == 6 and "icl" not in part
+    res = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--resume", str(ckpt), "--out", str(final)],
+                         capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "resumed at step 6" in res.stdout
+    rec = json.loads(final.read_text())
+    assert rec["steps"] == rec["preset"]["steps"] == 12 and [c["steps"] for c in rec["calls"]] == [6, 6]
+    assert rec["finetune"]["rows"] is not None and not rec["skipped"]
