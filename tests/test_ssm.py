@@ -7,8 +7,8 @@ import torch
 import numpy as np
 
 from tinylab.core import FAILS, HOLDS, INCONCLUSIVE, decide
-from tinylab.ssm import (S4D, MambaBlock, SSMLM, associative_recall, discretize, fft_conv, joint_outcome, reaches,
-                         s4d_kernel, s4d_recurrent, selective_copying, speedup_outcome, ssm_recurrence)
+from tinylab.ssm import (S4D, MambaBlock, SSMLM, associative_recall, discretize, fft_conv, induction_heads, joint_outcome,
+                         reaches, s4d_kernel, s4d_recurrent, selective_copying, speedup_outcome, ssm_recurrence)
 
 F64 = torch.float64
 
@@ -80,6 +80,25 @@ def test_mamba_lm_shapes_causality_and_gradients(mixer):
     assert not missing, missing
 
 
+@pytest.mark.parametrize("mixer", ["selective", "s4d"])
+def test_no_gate_block(mixer):
+    "The paper's 'no gate' ablation: no conv, no z branch, still causal and differentiable."
+    torch.manual_seed(0)
+    blk = MambaBlock(8, d_state=4, mixer=mixer, gate=False)
+    assert blk.conv is None and blk.in_proj.out_features == blk.d_inner
+    x = torch.randn(2, 13, 8, requires_grad=True)
+    y = blk(x)
+    x2 = x.detach().clone(); x2[:, 7:] += 1
+    torch.testing.assert_close(blk(x2)[:, :7], y[:, :7].detach())
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert count(MambaBlock(8, d_state=4, mixer=mixer, gate=False)) < count(MambaBlock(8, d_state=4, mixer=mixer))
+
+
+def count(m):
+    return sum(p.numel() for p in m.parameters())
+
+
 def test_mamba_block_triton_path_matches_chunked():
     torch.manual_seed(1)
     blk = MambaBlock(8, d_state=3)
@@ -121,6 +140,18 @@ def test_associative_recall_targets():
         table = dict(zip(keys, x[i, 1:10:2].tolist()))
         assert [table[k] for k in x[i, 10:].tolist()] == y[i, 10:].tolist()
     assert (y[:, :10] == -100).all()
+
+
+def test_induction_heads_targets():
+    g = torch.Generator().manual_seed(0)
+    x, y = induction_heads(64, 20, 6, g)
+    assert x.shape == y.shape == (64, 20)
+    assert (x[:, -1] == 6).all() and ((x[:, :-1] == 6).sum(1) == 1).all()     # the trigger once inside, once last
+    pos = (x[:, :-1] == 6).int().argmax(1)
+    torch.testing.assert_close(y[:, -1], x[torch.arange(64), pos + 1])
+    assert (y[:, :-1] == -100).all() and (pos + 1 < 19).all()
+    with pytest.raises(ValueError, match="seq_len"):
+        induction_heads(2, 3, 6)
 
 
 @pytest.mark.parametrize("fn,args,match", [

@@ -17,7 +17,8 @@ from .kernels.selective_scan import selective_scan
 
 # %% auto #0
 __all__ = ['discretize', 'ssm_recurrence', 's4d_discretize', 's4d_kernel', 'fft_conv', 's4d_recurrent', 'S4D', 'MambaBlock',
-           'SSMLM', 'selective_copying', 'associative_recall', 'reaches', 'joint_outcome', 'speedup_outcome']
+           'SSMLM', 'selective_copying', 'associative_recall', 'induction_heads', 'reaches', 'joint_outcome',
+           'speedup_outcome']
 
 # %% ../nbs/10_ssm.ipynb #cell-014
 def discretize(A: torch.Tensor, B: torch.Tensor, dt: float, method: str = "zoh") -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,17 +106,19 @@ class S4D(nn.Module):
 
 # %% ../nbs/10_ssm.ipynb #cell-047
 class MambaBlock(nn.Module):
-    "Mamba's block: in-projection, causal depthwise conv, SiLU, SSM (selective or LTI S4D), SiLU gate, out-projection."
+    "Mamba's block: in-projection, causal depthwise conv, SiLU, SSM (selective or LTI S4D), SiLU gate, out-projection (`gate=False`: no conv, no gate)."
     def __init__(self, d_model: int, d_state: int = 16, expand: int = 2, d_conv: int = 4, dt_rank: int | None = None,
-                 mixer: str = "selective", backend: str = "auto", dt_min: float = 1e-3, dt_max: float = 1e-1):
+                 mixer: str = "selective", backend: str = "auto", dt_min: float = 1e-3, dt_max: float = 1e-1,
+                 gate: bool = True, chunk: int = 64):
         super().__init__()
         if mixer not in ("selective", "s4d"):
             raise ValueError(f"mixer must be 'selective' or 's4d', got {mixer!r}")
-        self.mixer, self.backend, self.d_state = mixer, backend, d_state
+        self.mixer, self.backend, self.d_state, self.gate, self.chunk = mixer, backend, d_state, gate, chunk
         self.d_inner = d_inner = expand * d_model
         self.dt_rank = dt_rank = dt_rank or math.ceil(d_model / 16)
-        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
-        self.conv = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1)
+        # gate=False is the Mamba paper's "no gate" ablation: in-projection, SSM, SiLU, out-projection (no conv, no z branch)
+        self.in_proj = nn.Linear(d_model, (2 if gate else 1) * d_inner, bias=False)
+        self.conv = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1) if gate else None
         if mixer == "selective":
             self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
             self.dt_proj = nn.Linear(dt_rank, d_inner)
@@ -138,12 +141,14 @@ class MambaBlock(nn.Module):
         delta = F.softplus(self.dt_proj(dt))                                      # (batch, T, d_inner)
         A = -torch.exp(self.A_log.float())                                        # (d_inner, N)
         y, _ = selective_scan(u, delta.to(u.dtype), A, B.to(u.dtype), C.to(u.dtype), self.D.float(),
-                              backend=self.backend)
+                              backend=self.backend, chunk=self.chunk)  # chunk: steps per chunk of the backward's scan
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         "x: (batch, T, d_model) -> (batch, T, d_model)."
         T = x.shape[1]
+        if not self.gate:
+            return self.out_proj(F.silu(self.ssm(self.in_proj(x))))
         u, z = self.in_proj(x).chunk(2, dim=-1)                                   # (batch, T, d_inner) each
         u = self.conv(u.transpose(1, 2))[..., :T].transpose(1, 2)                 # causal: drop the right padding
         y = self.ssm(F.silu(u))
@@ -192,6 +197,20 @@ def associative_recall(n: int, n_pairs: int, n_queries: int, vocab: int, generat
     targets = torch.full_like(inputs, -100)
     targets[:, 2 * n_pairs:] = values.gather(1, which)
     return inputs, targets
+
+def induction_heads(n: int, seq_len: int, vocab: int, generator: torch.Generator | None = None):
+    """Induction-heads batch (Mamba's Table 2 task): `seq_len` random tokens 0..vocab-1, a trigger (id `vocab`) at a random
+    position followed by the answer, and the trigger again last; only the last position is scored. Returns (inputs, targets)."""
+    if seq_len < 4 or vocab < 1:
+        raise ValueError(f"need seq_len >= 4 and vocab >= 1, got {seq_len}, {vocab}")
+    x = torch.randint(0, vocab, (n, seq_len), generator=generator)
+    pos = torch.randint(0, seq_len - 2, (n,), generator=generator)                     # the answer sits before the last token
+    rows = torch.arange(n)
+    x[rows, pos] = vocab
+    x[:, -1] = vocab
+    targets = torch.full_like(x, -100)
+    targets[:, -1] = x[rows, pos + 1]
+    return x, targets
 
 # %% ../nbs/10_ssm.ipynb #4423046e
 def reaches(scores, target: float) -> Interval:
