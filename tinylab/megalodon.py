@@ -18,8 +18,8 @@ from .kernels.cema import cema, cema_fft, cema_ref
 from .kernels.timestep_norm import timestep_norm, timestep_norm_ref
 
 # %% auto #0
-__all__ = ['ComplexEMA', 'TimestepNorm', 'rotary', 'chunk_attention', 'MegalodonConfig', 'LayerState', 'MegalodonAttention',
-           'MegalodonBlock', 'MegalodonForCausalLM']
+__all__ = ['KEY', 'QUERY', 'ComplexEMA', 'TimestepNorm', 'rotary', 'chunk_attention', 'MegalodonConfig', 'CausalLayerNorm',
+           'LayerState', 'MegalodonAttention', 'MegalodonBlock', 'MegalodonForCausalLM', 'passkey_batch']
 
 # %% ../nbs/11_megalodon.ipynb #cell-025
 class ComplexEMA(nn.Module):
@@ -112,7 +112,8 @@ class MegalodonConfig(PretrainedConfig):
                  z_dim: int | None = None, v_dim: int | None = None, ffn_dim: int | None = None,
                  cema_ndim: int = 16, chunk_size: int = 64, norm_groups: int | None = None,
                  norm_eps: float = 1e-5, rope_base: float = 10000.0, initializer_range: float = 0.02,
-                 backend: str = "auto", **kwargs):
+                 backend: str = "auto", use_cema: bool = True, norm: str = "timestep", norm_attention: bool = True,
+                 **kwargs):
         self.vocab_size, self.d_model, self.n_layers, self.n_heads = vocab_size, d_model, n_layers, n_heads
         self.z_dim = z_dim or d_model // 2
         self.v_dim = v_dim or 2 * d_model
@@ -120,12 +121,28 @@ class MegalodonConfig(PretrainedConfig):
         self.cema_ndim, self.chunk_size = cema_ndim, chunk_size
         self.norm_groups = norm_groups or max(1, d_model // 32)
         self.norm_eps, self.rope_base, self.initializer_range, self.backend = norm_eps, rope_base, initializer_range, backend
+        # ablations (the defaults are Megalodon): CEMA replaced by the identity, layer norm in place of timestep
+        # norm, plain scaled dot-product attention in place of normalised attention
+        self.use_cema, self.norm, self.norm_attention = bool(use_cema), norm, bool(norm_attention)
+        if norm not in ("timestep", "layer"):
+            raise ValueError(f"norm must be 'timestep' or 'layer', got {norm!r}")
         kwargs.setdefault("tie_word_embeddings", False)                  # tied by hand: the head reuses embed.weight
         super().__init__(**kwargs)
         if self.z_dim % n_heads or self.v_dim % n_heads:
             raise ValueError(f"z_dim ({self.z_dim}) and v_dim ({self.v_dim}) must be divisible by n_heads ({n_heads})")
         if d_model % self.norm_groups:
             raise ValueError(f"norm_groups ({self.norm_groups}) must divide d_model ({d_model})")
+
+class CausalLayerNorm(nn.LayerNorm):
+    "Layer norm with timestep norm's call signature (it carries no state): the ablation `norm='layer'`."
+    def forward(self, x: torch.Tensor, state: tuple | None = None, backend: str = "auto"):
+        return super().forward(x), ()
+
+def _norm(cfg: "MegalodonConfig") -> nn.Module:
+    "The sequence norm of a layer and of the output: timestep norm, or layer norm for the ablation."
+    if cfg.norm == "layer":
+        return CausalLayerNorm(cfg.d_model, eps=cfg.norm_eps)
+    return TimestepNorm(cfg.d_model, cfg.norm_groups, cfg.norm_eps)
 
 @dataclass
 class LayerState:
@@ -141,8 +158,8 @@ class MegalodonAttention(nn.Module):
         super().__init__()
         D, Z, V, H = cfg.d_model, cfg.z_dim, cfg.v_dim, cfg.n_heads
         self.cfg, self.H, self.dz, self.dv = cfg, H, Z // H, V // H
-        self.timenorm = TimestepNorm(D, cfg.norm_groups, cfg.norm_eps)
-        self.cema = ComplexEMA(D, cfg.cema_ndim)
+        self.timenorm = _norm(cfg)
+        self.cema = ComplexEMA(D, cfg.cema_ndim) if cfg.use_cema else None
         self.rmsnorm = nn.RMSNorm(D, eps=cfg.norm_eps)
         self.wz, self.wv, self.wr = nn.Linear(D, Z), nn.Linear(D, V), nn.Linear(D, V)
         self.wh, self.wo = nn.Linear(D, D), nn.Linear(V, D, bias=False)
@@ -154,11 +171,17 @@ class MegalodonAttention(nn.Module):
         B, T, D = x.shape
         backend = self.cfg.backend
         xn, norm_state = self.timenorm(x, state.norm if state else None, backend=backend)   # X'
-        mx, h = self.cema(xn, state.h if state else None, backend=backend, need_state=stream)
+        if self.cema is not None:
+            mx, h = self.cema(xn, state.h if state else None, backend=backend, need_state=stream)
+        else:                                                              # ablation: CEMA replaced by the identity
+            mx, h = xn, None
         mx = self.rmsnorm(mx)                                              # M, the shared representation
-        # normalised attention: per-head RMS norm of Z, then per-dimension scale and offset
-        z = F.rms_norm(self.wz(mx).view(B, T, self.H, self.dz), (self.dz,), eps=self.cfg.norm_eps).view(B, T, -1)
-        qk = z[:, :, None] * (self.qk_scale + 1.0) / math.sqrt(self.dz) + self.qk_shift   # (B, T, 2, Z)
+        if self.cfg.norm_attention:
+            # normalised attention: per-head RMS norm of Z, then per-dimension scale and offset
+            z = F.rms_norm(self.wz(mx).view(B, T, self.H, self.dz), (self.dz,), eps=self.cfg.norm_eps).view(B, T, -1)
+            qk = z[:, :, None] * (self.qk_scale + 1.0) / math.sqrt(self.dz) + self.qk_shift   # (B, T, 2, Z)
+        else:  # ablation: Mega's unnormalised Q, K with the usual 1/sqrt(d_z) on the logits (split over Q and K)
+            qk = (self.wz(mx)[:, :, None] * (self.qk_scale + 1.0) + self.qk_shift) / self.dz ** 0.25
         q, k = (t.reshape(B, T, self.H, self.dz).transpose(1, 2) for t in qk.unbind(2))   # (B, H, T, dz)
         v = F.silu(self.wv(xn)).view(B, T, self.H, self.dv).transpose(1, 2)               # (B, H, T, dv)
         r = F.silu(self.wr(mx))                                            # the gate R
@@ -208,7 +231,7 @@ class MegalodonForCausalLM(PreTrainedModel):
         super().__init__(config)
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(MegalodonBlock(config) for _ in range(config.n_layers))
-        self.final_norm = TimestepNorm(config.d_model, config.norm_groups, config.norm_eps)
+        self.final_norm = _norm(config)
         self.post_init()
 
     def _init_weights(self, module):
@@ -247,3 +270,24 @@ class MegalodonForCausalLM(PreTrainedModel):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
         return CausalLMOutput(loss=loss, logits=logits), new_state
+
+# %% ../nbs/11_megalodon.ipynb #dc64bb96
+KEY, QUERY = 0, 1                                                    # the two marker tokens of the passkey task
+
+def passkey_batch(batch: int, chunk: int, n_values: int, vocab: int, n_chunks: int = 2,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Passkey sequences (batch, n_chunks * chunk): filler tokens from [2 + n_values, vocab), KEY then the passkey
+    (2 + value, value < n_values) at a random place in chunk 1, QUERY second to last, the passkey last.
+    Returns (ids, passkey token); the logits at position -2 are the answer."""
+    if n_chunks < 2 or chunk < 3:
+        raise ValueError(f"need n_chunks >= 2 and chunk >= 3, got n_chunks={n_chunks}, chunk={chunk}")
+    if vocab <= 2 + n_values or n_values < 2:
+        raise ValueError(f"need n_values >= 2 and vocab > 2 + n_values, got n_values={n_values}, vocab={vocab}")
+    L = n_chunks * chunk
+    ids = torch.randint(2 + n_values, vocab, (batch, L), generator=generator)
+    answer = 2 + torch.randint(0, n_values, (batch,), generator=generator)
+    at = torch.randint(0, chunk - 1, (batch,), generator=generator)   # the key marker; the passkey right after it
+    rows = torch.arange(batch)
+    ids[rows, at], ids[rows, at + 1] = KEY, answer
+    ids[:, -2], ids[:, -1] = QUERY, answer
+    return ids, answer
