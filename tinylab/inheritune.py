@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 
 import torch
@@ -13,7 +14,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 # %% auto #0
-__all__ = ['PER_LAYER', 'INDEX_LISTS', 'find_layer_list', 'inherit', 'gap_closed']
+__all__ = ['PER_LAYER', 'INDEX_LISTS', 'LOW_DATA', 'FULL_DATA', 'find_layer_list', 'inherit', 'inherit_embeddings', 'seq_losses',
+           'cloze_items', 'cloze_scores', 'chance_interval', 'small_model', 'run_regime', 'gap_closed']
 
 # %% ../nbs/20_inheritune.ipynb #cell-009
 def find_layer_list(model: PreTrainedModel) -> tuple[str, nn.ModuleList]:
@@ -89,6 +91,240 @@ def inherit(model: PreTrainedModel, layers: int | Sequence[int]) -> PreTrainedMo
     child.load_state_dict(state, strict=True)
     param = next(model.parameters())
     return child.to(device=param.device, dtype=param.dtype).train(model.training)
+
+# %% ../nbs/20_inheritune.ipynb #91113383
+def inherit_embeddings(model, n_layers, seed=None):
+    """The k = 0 control: a model of `model`'s class with `n_layers` freshly initialised blocks (seeded by `seed`)
+    and the parent's embeddings, final norm and LM head, copied exactly: what `inherit(model, n_layers)` keeps
+    except the blocks themselves."""
+    from tinylab.core import seed_everything
+    child = inherit(model, n_layers)
+    if seed is not None:
+        seed_everything(seed)
+    fresh = type(model)(child.config)  # randomly initialised, same depth
+    _, blocks = find_layer_list(child)
+    _, fresh_blocks = find_layer_list(fresh)
+    blocks.load_state_dict(fresh_blocks.state_dict(), strict=True)
+    return child
+
+# %% ../nbs/20_inheritune.ipynb #cd860b05
+@torch.no_grad()
+def seq_losses(model, blocks, batch_size: int = 32):
+    "Mean next-token loss (nats) of `model` on each sequence of `blocks` (column `input_ids`): one number per sequence."
+    import torch.nn.functional as F
+    was_training, device = model.training, next(model.parameters()).device
+    model.eval()
+    out = []
+    for i in range(0, len(blocks), batch_size):
+        x = torch.stack([torch.as_tensor(blocks[j]["input_ids"]) for j in range(i, min(i + batch_size, len(blocks)))])
+        x = x.to(device)
+        logits = model(input_ids=x).logits[:, :-1].float()
+        out.append(F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").mean(1).cpu())
+    model.train(was_training)
+    return torch.cat(out).numpy()
+
+# %% ../nbs/20_inheritune.ipynb #94107f09
+def cloze_items(texts, train_texts, tokenizer, n_items: int, context_tokens: int, seed: int = 0, pool: int = 2000):
+    """Held-out 4-way cloze items `(context ids, [true word, 3 distractors])` from the documents `texts`: the true word
+    ends a verse line (lower-case, alphabetic, 4+ letters) and the context is the preceding lines, cut to its last
+    `context_tokens` tokens (lines with a shorter context are skipped). The distractors are drawn from the `pool`
+    most frequent such words of `train_texts`
+    *with the same number of tokens as the true word*, so that a model's summed log-likelihood of an option does not
+    favour the option with fewer tokens; and no option occurs in the context (items whose true word does are skipped),
+    so that copying from the context favours none. An untrained model then sits at chance."""
+    import random
+    import string
+    from collections import Counter
+    rng = random.Random(seed)
+    ok = lambda w: w.isalpha() and w.islower() and len(w) > 3
+    counts = Counter(w for t in train_texts for w in t.split() if ok(w))
+    n_tok = lambda w: len(tokenizer(" " + w)["input_ids"])
+    by_len = {}
+    for w, _ in counts.most_common(pool):
+        by_len.setdefault(n_tok(w), []).append(w)
+    items = []
+    for text in texts:
+        lines = text.splitlines()
+        for i, line in enumerate(lines):
+            toks = line.split()
+            if len(toks) >= 5 and ok(toks[-1]):
+                word = toks[-1]
+                context = "\n".join(lines[max(0, i - 8):i] + [" ".join(toks[:-1])])
+                seen = {w.strip(string.punctuation).lower() for w in context.split()}
+                same = [w for w in by_len.get(n_tok(word), []) if w != word and w not in seen]
+                if word in seen or len(same) < 3:
+                    continue
+                ids = tokenizer(context)["input_ids"]
+                if len(ids) < context_tokens:  # every context has the same length, so items batch together
+                    continue
+                ids = ids[-context_tokens:]
+                items.append((ids, [word] + rng.sample(same, 3)))
+    return rng.sample(items, min(n_items, len(items)))
+
+@torch.no_grad()
+def cloze_scores(model, items, tokenizer, batch_items: int = 32):
+    """Per item, 1.0 if the true word (option 0) gets the highest summed log-likelihood after the context, else 0.0
+    (`items` from `cloze_items`: equal context lengths, and options of equal token counts within an item)."""
+    import numpy as np
+    was_training, device = model.training, next(model.parameters()).device
+    model.eval()
+    correct = []
+    for s in range(0, len(items), batch_items):
+        chunk = items[s:s + batch_items]
+        n_ctx = len(chunk[0][0])
+        if any(len(ids) != n_ctx for ids, _ in chunk):
+            raise ValueError("cloze_scores: items must share one context length (as cloze_items makes them)")
+        opts = [[tokenizer(" " + w)["input_ids"] for w in options] for _, options in chunk]
+        width = max(len(o) for os_ in opts for o in os_)
+        # every option of every item in one batch, right-padded (padding comes after what is scored)
+        pad = tokenizer.eos_token_id
+        rows = [ids + o + [pad] * (width - len(o)) for (ids, _), os_ in zip(chunk, opts) for o in os_]
+        x = torch.tensor(rows, device=device)
+        logits = model(input_ids=x, logits_to_keep=width + 1).logits  # positions n_ctx - 1 .. end
+        logp = logits[:, :-1].float().log_softmax(-1)                   # predicts the option tokens
+        tok = logp.gather(-1, x[:, n_ctx:, None])[..., 0]                           # (rows, width)
+        lengths = torch.tensor([len(o) for os_ in opts for o in os_], device=device)
+        mask = torch.arange(width, device=device)[None] < lengths[:, None]
+        scores = (tok * mask).sum(1).view(len(chunk), -1)
+        correct.extend((scores.argmax(1) == 0).float().tolist())
+    model.train(was_training)
+    return np.array(correct)
+
+def chance_interval(n: int, p: float = 0.25, level: float = 0.95) -> tuple[float, float]:
+    """The central `level` interval of the accuracy (successes / n) of a guesser that is right with probability `p`
+    on each of `n` items (exact binomial quantiles): where a model at chance lands."""
+    from math import comb
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    if not 0 < p < 1 or not 0 < level < 1:
+        raise ValueError(f"p and level must be in (0, 1), got p={p}, level={level}")
+    cdf, acc, lo, hi = [], 0.0, None, None
+    for k in range(n + 1):
+        acc += comb(n, k) * p**k * (1 - p)**(n - k)
+        cdf.append(acc)
+    tail = (1 - level) / 2
+    lo = next(k for k in range(n + 1) if cdf[k] > tail)
+    hi = next(k for k in range(n + 1) if cdf[k] >= 1 - tail)
+    return lo / n, hi / n
+
+# %% ../nbs/20_inheritune.ipynb #959e03b5
+LOW_DATA = ("inherit first", "inherit last", "k = 0", "scratch")  # the small models of the low-data regime
+FULL_DATA = ("scratch (full data)", "inherit first (full data)")  # the same depth, the reference's whole budget
+
+def small_model(kind: str, reference: PreTrainedModel, k: int, seed: int) -> PreTrainedModel:
+    """A `k`-block model made from `reference` as `kind` says: its first or last `k` blocks (`inherit`), only its
+    embeddings, norm and head (`k = 0`: `inherit_embeddings`), or nothing (`scratch`, randomly initialised);
+    `seed` seeds whatever is freshly initialised. A `(full data)` suffix names the same model."""
+    from tinylab.core import seed_everything
+    base = kind.removesuffix(" (full data)")
+    n = reference.config.num_hidden_layers
+    if base == "inherit first":
+        return inherit(reference, k)
+    if base == "inherit last":
+        return inherit(reference, list(range(n - k, n)))
+    if base == "k = 0":
+        return inherit_embeddings(reference, k, seed=2000 + seed)
+    if base == "scratch":
+        config = copy.deepcopy(reference.config)
+        config.num_hidden_layers = k
+        seed_everything(1000 + seed)
+        param = next(reference.parameters())
+        return type(reference)(config).to(device=param.device, dtype=param.dtype)
+    raise ValueError(f"kind must be one of {LOW_DATA + FULL_DATA}, got {kind!r}")
+
+def run_regime(reference: PreTrainedModel, train_blocks, val_blocks, val_eval, items, tokenizer, *, ref_steps: int,
+               batch_size: int, lr: float, token_fraction: float = 0.05, epochs: float = 4.0,
+               seeds: Sequence[int] = (0, 1, 2), full_seeds: Sequence[int] = (0, 1, 2),
+               full: Sequence[str] = FULL_DATA, untrained: int = 3, evals: int = 20,
+               eval_batches: int = 8, mixed_precision: str = "no", budget_s: float | None = None,
+               train_reference: bool = True, on_row=None, log=print) -> dict:
+    """Inheritune's low-data regime around one `reference` (untrained when passed; trained here on all of
+    `train_blocks` for `ref_steps` steps of `batch_size`), then, at half its depth (k = L/2):
+
+    - low data (`LOW_DATA`, each for every seed in `seeds`): `steps = floor(token_fraction * ref_steps)` steps
+      of the same batch size, so each sees at most `token_fraction` of the reference's training tokens, drawn from
+      one fixed random subset of the training blocks repeated about `epochs` times;
+    - full data (`full`, each for every seed in `full_seeds`): `ref_steps` steps on all of `train_blocks`;
+    - `untrained` randomly initialised reference-sized models (seeds 0, 1, ...), which train on nothing.
+
+    Every model is trained by `tinylab.lm.train_lm` with one learning rate and schedule, then scored by its
+    per-sequence losses on `val_eval` (`seq_losses`) and by `cloze_scores` on `items`; its validation loss is
+    also recorded `evals` times during training (on `eval_batches` batches of `val_blocks`). A run that would not fit
+    `budget_s` (seconds since this call, estimated from the reference's time per step, or from the runs so far) is
+    skipped and listed. With `train_reference=False` the reference is taken as it is (already trained elsewhere, or
+    only the template of the scratch models) and not scored; `on_row(row)` is called after each model is scored.
+    Returns a JSON-ready dict: settings, the reference's curve, and one row per model (name, seed, steps, tokens,
+    val_loss, seconds, seq, cloze)."""
+    import time
+    from tinylab.lm import TrainConfig, train_lm
+    t0 = time.perf_counter()
+    n_layers = reference.config.num_hidden_layers
+    k = n_layers // 2
+    block = len(train_blocks[0]["input_ids"])
+    small_steps = int(token_fraction * ref_steps)
+    if k < 1 or small_steps < 1:
+        raise ValueError(f"need a reference of >= 2 blocks and token_fraction * ref_steps >= 1, got {n_layers} "
+                         f"blocks and {token_fraction} * {ref_steps}")
+    n_subset = min(len(train_blocks), max(batch_size, math.ceil(small_steps * batch_size / epochs)))
+    order = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(0)).tolist()
+    subset = train_blocks.select(order[:n_subset])
+
+    def train(model, blocks, steps, seed, desc):
+        every = max(steps // evals, 1)
+        tc = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, eval_every=every, eval_batches=eval_batches,
+                         mixed_precision=mixed_precision, seed=seed)
+        return train_lm(model, blocks, val_blocks, tc, desc=desc)
+
+    rows, skipped = [], []
+    def score(name, seed, model, steps, seconds, hist=None):
+        seq = seq_losses(model, val_eval)
+        cl = cloze_scores(model, items, tokenizer)
+        row = dict(name=name, seed=seed, layers=model.config.num_hidden_layers, steps=steps,
+                   tokens=steps * batch_size * block, val_loss=float(seq.mean()), cloze=float(cl.mean()),
+                   seconds=round(seconds, 2), seq=[round(float(v), 4) for v in seq],
+                   cloze_items=cl.astype(int).tolist())
+        if hist is not None:
+            row["curve"] = dict(steps=hist.eval_steps, val_loss=hist.eval_loss)
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+        log(f"{name} (seed {seed}): val {row['val_loss']:.3f}, cloze {row['cloze']:.1%}, {seconds:.1f} s")
+
+    for s in range(untrained):
+        m = small_model("scratch", reference, n_layers, s - 1000)  # reference-sized, initialised with seed s
+        score("untrained", s, m, 0, 0.0)
+        del m
+    per_step, ref_hist, measured = None, None, {}  # measured: seconds per step of the runs so far, by their length
+    if train_reference:
+        t = time.perf_counter()
+        ref_hist = train(reference, train_blocks, ref_steps, 0, f"reference ({n_layers} blocks)")
+        ref_seconds = time.perf_counter() - t
+        score("reference", 0, reference, ref_steps, ref_seconds, ref_hist)
+        per_step = ref_seconds / ref_steps * (k + 1) / (n_layers + 1)  # a k-block model's rough cost per step
+
+    jobs = [(kind, s, subset, small_steps) for s in seeds for kind in LOW_DATA]
+    jobs += [(kind, s, train_blocks, ref_steps) for s in full_seeds for kind in full]
+    for kind, s, blocks, steps in jobs:
+        rate = measured.get(steps, per_step)
+        estimate = rate * steps * 1.2 + 2 if rate is not None else 0.0
+        if budget_s is not None and time.perf_counter() - t0 + estimate > budget_s:
+            skipped.append(dict(name=kind, seed=s, estimate_s=round(estimate, 1)))
+            log(f"skipped {kind} (seed {s}): ~{estimate:.0f} s would pass the budget")
+            continue
+        model = small_model(kind, reference, k, s)
+        t = time.perf_counter()
+        hist = train(model, blocks, steps, s, f"{kind} (seed {s})")
+        seconds = time.perf_counter() - t
+        score(kind, s, model, steps, seconds, hist)
+        measured[steps] = max(measured.get(steps, 0.0), seconds / steps)
+        del model
+    return dict(ref_layers=n_layers, k=k, block_size=block, batch_size=batch_size, lr=lr, ref_steps=ref_steps,
+                small_steps=small_steps, token_fraction=token_fraction, epochs=epochs,
+                train_blocks=len(train_blocks), subset_blocks=n_subset, val_seqs=len(val_eval), cloze_n=len(items),
+                ref_curve=dict(steps=ref_hist.eval_steps, val_loss=ref_hist.eval_loss) if ref_hist else None,
+                ref_train_curve=dict(steps=ref_hist.steps[::max(1, ref_steps // 200)],
+                                     train_loss=ref_hist.train_loss[::max(1, ref_steps // 200)]) if ref_hist else None,
+                rows=rows, skipped=skipped, seconds=round(time.perf_counter() - t0, 1))
 
 # %% ../nbs/20_inheritune.ipynb #cell-030b
 def gap_closed(inherited, scratch, reference, fraction: float = 0.5, **bootstrap):

@@ -1,0 +1,83 @@
+"""benchmarks/train_inheritune.py (the Inheritune chapter's `gpu`-preset run) on its CPU --smoke path, without the
+`datasets` package (as on the GPU image): the JSON has provenance, the reference's curve, every model of the regime
+with per-sequence losses and per-item cloze scores, and the small models' token budget is at most 5% of the
+reference's; the script's preset is the chapter's."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "train_inheritune.py"
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+       "TINYLAB_FAKE_DATASETS": "1", "TINYLAB_COMMIT": "abc123"}
+
+
+@pytest.fixture(scope="module")
+def record(tmp_path_factory):
+    out = tmp_path_factory.mktemp("inheritune") / "inheritune_smoke.json"
+    res = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--archs", "llama,gpt2", "--out", str(out)],
+                         capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "datasets stand-in" in res.stdout
+    assert out.stat().st_size < 16 * 2**20
+    return json.loads(out.read_text())
+
+
+def test_provenance(record):
+    for key in ("device", "torch", "triton", "transformers", "date", "commit", "args", "preset", "phases", "runs",
+                "wall_s", "train_tokens"):
+        assert key in record, key
+    assert record["commit"] == "abc123" and record["args"]["smoke"] and record["datasets"] == "stand-in"
+    assert set(record["runs"]) == {"llama", "gpt2"}
+
+
+def test_regime(record):
+    for arch, run in record["runs"].items():
+        names = {(r["name"], r["seed"]) for r in run["rows"]}
+        for name in ("inherit first", "inherit last", "k = 0", "scratch", "scratch (full data)",
+                     "inherit first (full data)"):
+            assert (name, 0) in names, (arch, name)
+        assert {("untrained", s) for s in range(3)} <= names and ("reference", 0) in names
+        rows = {(r["name"], r["seed"]): r for r in run["rows"]}
+        ref = rows["reference", 0]
+        assert ref["curve"]["steps"][-1] == run["ref_steps"] and ref["curve"]["val_loss"][-1] < ref["curve"]["val_loss"][0]
+        for name in ("inherit first", "inherit last", "k = 0", "scratch"):
+            assert rows[name, 0]["tokens"] <= 0.05 * ref["tokens"] and rows[name, 0]["layers"] == run["k"]
+        assert rows["scratch (full data)", 0]["tokens"] == ref["tokens"]
+        for r in run["rows"]:
+            assert len(r["seq"]) == run["val_seqs"] and len(r["cloze_items"]) == run["cloze_n"]
+        assert run["skipped"] == []
+
+
+def test_gpu_preset_is_the_chapters():
+    spec = importlib.util.spec_from_file_location("train_inheritune_mod", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    nb = nbformat.read(ROOT / "nbs" / "20_inheritune.ipynb", as_version=4)
+    src = next(c.source for c in nb.cells if c.cell_type == "code" and c.source.startswith("PRESETS = {"))
+    ns = {"FULL_DATA": mod.FULL_DATA}
+    exec(src.split("cfg = pick_scale")[0], ns)
+    gpu = ns["PRESETS"]["gpu"]
+    assert {k: gpu[k] for k in mod.PRESET} == mod.PRESET
+
+
+def test_merge_side_by_side_runs(record, tmp_path):
+    "The GPU job runs one process per architecture and merges their JSONs into one record."
+    parts = []
+    for arch in ("llama", "gpt2"):
+        part = dict(record, runs={arch: record["runs"][arch]}, phases={"data": 1.0, arch: 2.0})
+        parts.append(tmp_path / f"{arch}.json")
+        parts[-1].write_text(json.dumps(part))
+    out = tmp_path / "merged.json"
+    res = subprocess.run([sys.executable, str(SCRIPT), "--merge", *map(str, parts), str(tmp_path / "missing.json"),
+                          "--out", str(out)], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    merged = json.loads(out.read_text())
+    assert merged["runs"] == record["runs"] and len(merged["parts"]) == 2
+    assert merged["device"] == record["device"] and merged["commit"] == "abc123"
