@@ -20,9 +20,15 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_TH
 
 @pytest.fixture(scope="module")
 def record(tmp_path_factory):
-    out = tmp_path_factory.mktemp("inheritune") / "inheritune_smoke.json"
-    res = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--archs", "llama,gpt2", "--out", str(out)],
-                         capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    tmp = tmp_path_factory.mktemp("inheritune")
+    out, corpus = tmp / "inheritune_smoke.json", tmp / "corpus.json.gz"
+    # the corpus file is made here, with `datasets` (as before a GPU run); the run itself goes without it
+    env = {k: v for k, v in ENV.items() if k != "TINYLAB_FAKE_DATASETS"}
+    res = subprocess.run([sys.executable, str(SCRIPT), "--prepare", "--corpus", str(corpus)],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    res = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--archs", "llama,gpt2", "--corpus", str(corpus),
+                          "--out", str(out)], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "datasets stand-in" in res.stdout
     assert out.stat().st_size < 16 * 2**20
