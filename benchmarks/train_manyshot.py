@@ -259,6 +259,13 @@ def save_checkpoint(path: Path, model, opt, state: dict) -> None:
     save_file(tensors, str(path), metadata={"state": json.dumps(state)})
 
 
+def checkpoint_state(path: Path) -> dict:
+    "The `state` (step, history, calls so far) a checkpoint of `save_checkpoint` carries, without loading its tensors."
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["state"])
+
+
 def load_checkpoint(path: Path, model, opt) -> dict:
     "Restore what `save_checkpoint` wrote into `model` and `opt` (moments back to fp32); returns its `state`."
     from safetensors import safe_open
@@ -282,9 +289,10 @@ def main(argv=None):
     p.add_argument("--eval-reserve-s", type=float, default=200.0, help="seconds kept for the evaluation after training")
     p.add_argument("--steps", type=int, default=None, help="stop training at this global step (default: the time budget decides)")
     p.add_argument("--ckpt-out", default=None,
-                   help="first call of a two-call run: train for the whole budget, save the checkpoint here, write a "
-                        "small progress JSON to --out, and skip the evaluation")
-    p.add_argument("--resume", default=None, help="second call: continue meta-training from this checkpoint, then evaluate")
+                   help="a call that does not end meta-training: train for the whole budget, save the checkpoint here, "
+                        "write a small progress JSON to --out, and skip the evaluation")
+    p.add_argument("--resume", default=None, help="a later call: continue meta-training from this checkpoint (then evaluate, "
+                                                  "unless --ckpt-out names the next checkpoint)")
     p.add_argument("--workers", type=int, default=None, help="processes for the data (default: 4 on a GPU)")
     p.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
     p.add_argument("--seed", type=int, default=0)
@@ -312,7 +320,7 @@ def main(argv=None):
         torch.set_num_threads(1)
     phases, seed = {}, args.seed
     final = args.ckpt_out is None                       # this call ends meta-training (and evaluates)
-    call = 2 if args.resume else 1
+    call = 1 + len(checkpoint_state(Path(args.resume))["calls"]) if args.resume else 1   # each call draws new data
     seed_everything(seed + 1000 * (call - 1))
     tok = word_tokenizer()
     log(f"device {device}, datasets {'stand-in' if SHIM else 'package'}, workers {workers}, call {call}"
@@ -479,7 +487,7 @@ def main(argv=None):
 
     if not final:
         save_checkpoint(Path(args.ckpt_out), model, opt, state)
-        progress = dict(script="benchmarks/train_manyshot.py", chapter="manyshot", part="call 1 of 2 (meta-training only)",
+        progress = dict(script="benchmarks/train_manyshot.py", chapter="manyshot", part=f"call {call} (meta-training only)",
                         device=state["calls"][-1]["device"], torch=torch.__version__, transformers=transformers.__version__,
                         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                         commit=os.environ.get("TINYLAB_COMMIT", "unknown"), args=vars(args), preset=cfg,

@@ -92,19 +92,24 @@ def test_gpu_preset_is_the_chapters():
     assert eval(mix.split("\n")[0].split("=", 1)[1]) == mod.MIX
 
 
-def test_two_calls_checkpoint_and_resume(tmp_path):
-    "The GPU run in two calls: the first trains and saves one small checkpoint, the second resumes it and evaluates."
-    ckpt, first, final = tmp_path / "ckpt" / "manyshot_ckpt.safetensors", tmp_path / "call1.json", tmp_path / "final.json"
-    res = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--steps", "6", "--ckpt-out", str(ckpt), "--out", str(first)],
-                         capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert ckpt.stat().st_size < 16 * 2**20
-    part = json.loads(first.read_text())
-    assert part["step"] == 6 and "icl" not in part
-    res = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--resume", str(ckpt), "--out", str(final)],
-                         capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "resumed at step 6" in res.stdout
-    rec = json.loads(final.read_text())
-    assert rec["steps"] == rec["preset"]["steps"] == 12 and [c["steps"] for c in rec["calls"]] == [6, 6]
+def test_calls_checkpoint_and_resume(tmp_path):
+    """The GPU run in several calls: the first trains and saves one small checkpoint, a middle call resumes it and saves
+    the next, the last resumes and evaluates; each call is numbered from its checkpoint (so it draws new task data)."""
+    ckpts = [tmp_path / "ckpt" / f"manyshot_ckpt{i}.safetensors" for i in (1, 2)]
+    def call(*args):
+        res = subprocess.run([sys.executable, str(SCRIPT), "--smoke", *map(str, args)], capture_output=True, text=True,
+                             env=ENV, cwd=ROOT, timeout=300)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        return res.stdout
+    call("--steps", 4, "--ckpt-out", ckpts[0], "--out", tmp_path / "call1.json")
+    assert ckpts[0].stat().st_size < 16 * 2**20
+    part = json.loads((tmp_path / "call1.json").read_text())
+    assert part["step"] == 4 and "icl" not in part and part["part"] == "call 1 (meta-training only)"
+    out = call("--steps", 8, "--resume", ckpts[0], "--ckpt-out", ckpts[1], "--out", tmp_path / "call2.json")
+    assert "resumed at step 4" in out and "call 2" in out
+    out = call("--resume", ckpts[1], "--out", tmp_path / "final.json")
+    assert "resumed at step 8" in out and "call 3" in out
+    rec = json.loads((tmp_path / "final.json").read_text())
+    assert rec["steps"] == rec["preset"]["steps"] == 12
+    assert [(c["call"], c["steps"]) for c in rec["calls"]] == [(1, 4), (2, 4), (3, 4)]
     assert rec["finetune"]["rows"] is not None and not rec["skipped"]
