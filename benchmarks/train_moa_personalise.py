@@ -5,6 +5,11 @@ UNet (`train_finetune`), all on the same digit subjects, batches, learning rate 
 held-out digits against the prior's own image for the same seed and prompt (background drift outside the subject's
 quadrant, identity by a digit classifier inside it, router mass inside and outside the mask, subject swap).
 
+Diagnosis variants: MoA whose routers start personalised-first (`moa_pers_init`, --router-init-pers), MoA with every
+router replaced by the subject's box in training and sampling (`moa_box_routed`, `BoxRouting`), the router loss in the
+paper's form (--router-form layer_mean); every MoA model is also sampled with every pixel sent to the personalised
+experts and with the box as its router, and the one-step prediction error inside and outside the box is recorded.
+
 The model, data, losses and samplers are the chapter's own (tinylab.moa); the evaluation helpers below follow the
 chapter's cells (eval_prompts, extract_glyph/identity, drift). Training of each model stops at its share of
 --time-limit (counted from the script's start); --resume continues from the personalised weights of an earlier run
@@ -31,9 +36,10 @@ from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
 from tinylab.core import FAILS, HOLDS, INCONCLUSIVE, decide, paired_bootstrap
-from tinylab.moa import (BACKGROUNDS, COLORS, MoA, FineTune, NOUN, POSITIONS, background_image, ddim_for, glyph_mask,
-                         guided, layer_mask, load_prior, null_ids, prior_pred, quadrant_box, random_scenes,
-                         render_scene, sample, subject_refs, train_finetune, train_moa, encode_captions)
+from tinylab.moa import (BACKGROUNDS, COLORS, MoA, FineTune, NOUN, POSITIONS, background_image, ddim_for, diffusion_batch,
+                         glyph_mask, guided, layer_mask, load_prior, masked_diffusion_loss, null_ids, prior_pred,
+                         quadrant_box, random_scenes, render_scene, sample, subject_refs, train_finetune, train_moa,
+                         encode_captions)
 
 ID_MARGIN = 0.1   # the chapter's: "the subject is present" = identity at least this above the prior's own image
 
@@ -71,6 +77,44 @@ def time_limited(deadline, counter):
     return wrap
 
 
+class BoxRouting:
+    """The 'moa_box_routed' diagnosis: every router of `moa` replaced by the subject's box (personalised weight 1 inside it,
+    0 outside, at every layer), in training and in sampling. It solves the routing, so what remains is what the
+    personalised experts and the multimodal prompt can draw. Set `.box` (B, 1, S, S) before each call."""
+    def __init__(self, moa):
+        self.box = None
+        for r in moa.routers.values():
+            r.forward = self
+
+    def __call__(self, x):
+        m = layer_mask(self.box, x.shape[1]).to(x)
+        return torch.stack([1 - m, m], -1)
+
+
+def train_box_routed(moa, routing, te, ddpm, data, subjects, steps, batch_size, lr, seed, progress):
+    """`train_moa`'s loop (same batches for the same seed) with the routing fixed to the box: the masked diffusion loss
+    alone trains the experts, image encoder and fusion (the router loss is zero by construction)."""
+    params = [p for n, p in moa.named_parameters() if not n.startswith(("unet.", "routers."))]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    gen, log = torch.Generator().manual_seed(seed), []
+    te.requires_grad_(False); moa.train()
+    q, dev = data.images.shape[-1] // 2, params[0].device
+    for _ in progress(range(steps)):
+        idx = torch.randint(0, len(data.images), (batch_size,), generator=gen)
+        x0, mask = data.images[idx].to(dev), data.masks[idx].to(dev)
+        refs = subject_refs(subjects, [data.labels[int(i)]["subject"] for i in idx], q).to(dev)
+        xt, target, t = diffusion_batch(ddpm, x0, gen)
+        with torch.no_grad():
+            text = te(data.ids[idx].to(dev)).last_hidden_state
+        routing.box = mask
+        loss = masked_diffusion_loss(moa(xt, t, text, refs), target, mask)
+        opt.zero_grad(set_to_none=True); loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step()
+        log.append(dict(masked=loss.item(), router=0.0))
+    moa.eval()
+    return log
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -92,8 +136,12 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--router-weight", type=float, default=1.0)
+    p.add_argument("--router-form", default="per_layer", choices=["per_layer", "layer_mean"],
+                   help="the router loss's form (tinylab.moa.router_loss): ours, or the paper's (square of the layers' mean)")
     p.add_argument("--router-lr-mult", type=float, default=10.0,
                    help="the 'moa_fast_router' variant: routers from 1/2, learning at this multiple of --lr")
+    p.add_argument("--router-init-pers", type=float, default=3.0,
+                   help="the 'moa_pers_init' variant: routers start personalised-first, R_pers = 1 / (1 + e^-b) (0.95 for 3)")
     p.add_argument("--router-init", type=float, default=4.0,
                    help="prior-logit bias of the 'router init to prior' variant: R_pers starts at 1 / (1 + e^b)")
     p.add_argument("--train-subjects", type=int, default=200)
@@ -109,7 +157,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", default="moa_half,moa_prior_init,finetune",
                    help="moa_half: the routers start at (1/2, 1/2); moa_prior_init: they start toward the prior (--router-init); "
-                        "moa_fast_router: from 1/2, with the routers' learning rate --router-lr-mult times the rest")
+                        "moa_fast_router: from 1/2, with the routers' learning rate --router-lr-mult times the rest; "
+                        "moa_pers_init: they start personalised-first (--router-init-pers), the router loss sends the background back; "
+                        "moa_box_routed: no routers, the subject's box routes (BoxRouting), in training and sampling")
     p.add_argument("--time-limit", type=float, default=430.0, help="seconds from the start to the end of evaluation")
     p.add_argument("--eval-reserve", type=float, default=90.0, help="seconds kept for evaluation and saving")
     p.add_argument("--resume", default=None, help="a .tar.gz written by an earlier run: continue from its weights")
@@ -158,17 +208,19 @@ def main(argv=None):
 
     # --- the models (resumed weights when given)
     dim = te.config.hidden_size
-    models = {}
+    models, box_routing = {}, {}
     for v in variants:
         if v == "finetune":
             models[v] = FineTune(unet, dim).to(device)
         else:
             m = MoA(unet, dim).to(device)
             m.state.kernel = False          # reference path: exact equality for the forced-prior control
+            if v == "moa_box_routed":
+                box_routing[v] = BoxRouting(m)
             for r in m.routers.values():           # the last layer's bias sets the start: prior logit b, personalised 0
                 with torch.no_grad():
                     r.net[2].bias.zero_()
-                    r.net[2].bias[0] = args.router_init if v == "moa_prior_init" else 0.0
+                    r.net[2].bias[0] = {"moa_prior_init": args.router_init, "moa_pers_init": -args.router_init_pers}.get(v, 0.0)
             models[v] = m
     prev_steps = {v: 0 for v in variants}
     if args.resume:
@@ -192,14 +244,19 @@ def main(argv=None):
         counter = []
         t0 = time.perf_counter()
         torch.manual_seed(args.seed)
-        if v == "finetune":
+        if v in box_routing:
+            log = train_box_routed(models[v], box_routing[v], te, ddpm, data, train_subjects, args.steps, args.batch,
+                                   args.lr, args.seed + prev_steps[v], progress=time_limited(deadline, counter))
+            logs[v] = dict(masked=[l["masked"] for l in log])
+        elif v == "finetune":
             log = train_finetune(models[v], te, ddpm, data, train_subjects, args.steps, args.batch, args.lr,
                                  args.seed + prev_steps[v], progress=time_limited(deadline, counter))
             logs[v] = dict(loss=log)
         else:
             log = train_moa(models[v], te, ddpm, data, train_subjects, args.steps, args.batch, args.lr, args.router_weight,
                             args.seed + prev_steps[v], progress=time_limited(deadline, counter),
-                            router_lr=args.lr * args.router_lr_mult if v == "moa_fast_router" else None)
+                            router_lr=args.lr * args.router_lr_mult if v == "moa_fast_router" else None,
+                            router_form=args.router_form)
             logs[v] = dict(masked=[l["masked"] for l in log], router=[l["router"] for l in log])
         sync(device)
         steps_done[v] = len(log)
@@ -232,7 +289,9 @@ def main(argv=None):
             den = lambda x, t: guided(models[kind](x, t, ctx, refs), prior_pred(unet, x, t, null), args.guidance)
         else:
             name, mode = kind.split(":") if ":" in kind else (kind, None)
-            force, m = ("prior" if mode == "forced" else None), models[name]
+            force, m = {"forced": "prior", "personal": "personal"}.get(mode), models[name]
+            if name in box_routing:
+                box_routing[name].box = box_dev
 
             def den(x, t):
                 o = m(x, t, ctx, refs, force=force, record=record)
@@ -247,6 +306,10 @@ def main(argv=None):
                     pers = w[..., 1] * layer_mask(box_dev, x.shape[1])
                     return torch.stack([1 - pers, pers], -1)
                 patched.append((r, r.forward)); r.forward = masked_router
+        if kind.endswith(":box"):      # diagnosis: the routers replaced by the box (personalised weight 1 inside, 0 outside)
+            routing = BoxRouting.__new__(BoxRouting); routing.box = box_dev
+            for r in m.routers.values():
+                patched.append((r, r.forward)); r.forward = routing
         try:
             with torch.no_grad():
                 return sample(den, n_img, size, ddim, args.ddim_steps, seed, device).cpu(), maps
@@ -256,7 +319,10 @@ def main(argv=None):
 
     box_dev = torch.stack([render_scene(it["background"], it["color"], it["position"], torch.zeros(q, q), size)[1]
                            for it in items]).to(device)
-    kinds = ["prior"] + [k for v in variants for k in ((v,) if v == "finetune" else (v, v + ":forced", v + ":oracle"))]
+    # per MoA variant: as trained, forced to the prior (the control), personalised weight zeroed outside the box
+    # (":oracle"), every pixel of every layer to the personalised experts (":personal"), the box as the router (":box")
+    kinds = ["prior"] + [k for v in variants for k in ((v,) if v == "finetune" else
+                                                        (v, v + ":forced", v + ":oracle", v + ":personal", v + ":box"))]
     imgs, maps_of, swap = {}, {}, {}
     for k in kinds:
         imgs[k], mp = generate(k, cls_all, record=k in variants and k != "finetune")
@@ -283,6 +349,36 @@ def main(argv=None):
     scene_change = drift(other_seed, imgs["prior"])
     swap_prior_ident = identity(imgs["prior"], swap_all)
 
+    @torch.no_grad()
+    def prediction_errors(n=256):
+        "One-step error of the prediction (v) inside and outside the box, held-out subjects on fresh scenes, random timesteps."
+        chk = random_scenes(n, size, np.random.default_rng(args.seed + 7), subjects=test_subjects)
+        x0, M = chk.images.to(device), chk.masks.to(device)
+        xt, target, t = diffusion_batch(ddpm, x0, torch.Generator().manual_seed(args.seed + 7))
+        text = te(chk.ids.to(device)).last_hidden_state
+        refs = subject_refs(test_subjects, [l["subject"] for l in chk.labels], q).to(device)
+        preds = {"prior": prior_pred(unet, xt, t, text)}
+        for v in variants:
+            if v == "finetune":
+                preds[v] = models[v](xt, t, text, refs)
+                continue
+            m = models[v]
+            if v in box_routing:
+                box_routing[v].box = M
+            preds[v] = m(xt, t, text, refs)
+            preds[v + ":personal"] = m(xt, t, text, refs, force="personal")
+            routing = BoxRouting.__new__(BoxRouting); routing.box = M
+            saved = [(r, r.forward) for r in m.routers.values()]
+            for r, _ in saved:
+                r.forward = routing
+            preds[v + ":box"] = m(xt, t, text, refs)
+            for r, fwd in saved:
+                r.forward = fwd
+        return {k: dict(inside=float(masked_diffusion_loss(pr, target, M)), outside=float(masked_diffusion_loss(pr, target, 1 - M)))
+                for k, pr in preds.items()}
+
+    pred_err = prediction_errors(8 if args.smoke else 256)
+
     def iv(x):
         return dict(estimate=x.estimate, low=x.low, high=x.high, outcome=decide(x), text=str(x))
 
@@ -303,6 +399,8 @@ def main(argv=None):
                        router_interval=iv(paired_bootstrap(w_in, w_out)),
                        router_per_layer={n: [float(x[0].mean()), float(x[1].mean())] for n, x in per_layer.items()},
                        forced_prior_drift_max=float(drift_of[v + ":forced"].max()),
+                       personal_everywhere=dict(drift=float(drift_of[v + ":personal"].mean()), identity=float(ident_of[v + ":personal"].mean())),
+                       box_as_router=dict(drift=float(drift_of[v + ":box"].mean()), identity=float(ident_of[v + ":box"].mean())),
                        oracle_router=dict(drift=float(drift_of[v + ":oracle"].mean()), identity=float(ident_of[v + ":oracle"].mean())))
             if "finetune" in variants:
                 bg = paired_bootstrap(drift_of["finetune"], drift_of[v])               # > 0: less drift than the fine-tune
@@ -322,7 +420,8 @@ def main(argv=None):
                              keeps_scene=iv(paired_bootstrap(scene_change, sw)),
                              new_subject=iv(paired_bootstrap(sid, swap_prior_ident + ID_MARGIN))))
         rows.append(row)
-        print(json.dumps({k: row[k] for k in ("variant", "steps", "drift", "identity")}),
+        print(json.dumps({k: row[k] for k in ("variant", "steps", "drift", "identity", "router_inside", "router_outside",
+                                              "personal_everywhere", "box_as_router") if k in row}),
               row.get("headline", {}).get("outcome"), flush=True)
     phases["eval_s"] = round(time.perf_counter() - t_eval, 1)
 
@@ -336,6 +435,7 @@ def main(argv=None):
                prior=dict(folder=args.prior, **{k: prov.get(k) for k in ("steps", "device", "commit", "prediction_type")}),
                resumed_from=args.resume, steps_this_run=steps_done, steps_total={v: prev_steps[v] + steps_done[v] for v in variants},
                phases=phases, n_images=len(items), id_true=id_true, id_margin=ID_MARGIN, per_model=per_model, rows=rows,
+               prediction_error=pred_err,
                losses_every_50={v: {k: [round(float(np.mean(x[i:i + 50])), 5) for i in range(0, len(x), 50)] for k, x in lg.items()}
                                 for v, lg in logs.items()},
                grid=dict(prompts=[p["caption"] for p in prompts[:show]], classes=cls_all[:show], images=grid))
@@ -355,6 +455,7 @@ def main(argv=None):
             info = tarfile.TarInfo(name); info.size = len(b); tf.addfile(info, io.BytesIO(b))
     rec["seconds"] = round(time.perf_counter() - T0, 1)
     (out / args.json_name).write_text(json.dumps(rec, indent=1, default=float))
+    print("prediction error (inside, outside the box):", {k: (round(e["inside"], 3), round(e["outside"], 3)) for k, e in pred_err.items()})
     print(f"wrote {out / args.json_name}" + ("" if args.no_tar else f" and {tar_path} ({tar_path.stat().st_size / 1e6:.1f} MB)")
           + f" in {rec['seconds']} s", flush=True)
     return rec

@@ -243,3 +243,44 @@ def test_subject_refs_and_router_lr(prior):
         moa.train_moa(m, te, ddpm, data, digits, steps=1, batch_size=4, lr=1e-2, router_lr=router_lr)
         moved[router_lr] = max((p.detach() - before[n]).abs().max().item() for n, p in m.routers.named_parameters())
     assert moved[0.0] == 0.0 and moved[None] > 0
+
+
+def test_box_routing_and_paper_router_loss(prior, batch):
+    "force='personal' with a region routes by the region itself; the 'layer_mean' router loss squares the layers' mean."
+    unet, _ = prior
+    x, t, text, refs = batch
+    m = perturbed_moa(unet)
+    region = torch.zeros(2, 1, 16, 16); region[:, :, :8, 8:] = 1
+    with torch.no_grad():
+        box = m(x, t, text, refs, force="personal", region=region, record=True)
+        assert not torch.allclose(box, m(x, t, text, refs, force="personal"))
+    for w in m.state.maps.values():                                  # personalised weight = the region at each layer
+        assert torch.equal(w, moa.layer_mask(region, w.shape[1]))
+    with torch.no_grad():
+        assert torch.equal(m(x, t, text, refs, force="prior", region=region), m(x, t, text, refs, force="prior"))
+    mask = torch.zeros(2, 1, 16, 16); mask[:, :, :8, :8] = 1
+    a, b = torch.rand(2, 64), torch.rand(2, 64)
+    bg = 1 - moa.layer_mask(mask, 64)
+    paper = moa.router_loss({"a": a, "b": b}, mask, form="layer_mean")
+    assert torch.allclose(paper, (bg * ((a + b) / 2) ** 2).sum() / bg.sum())
+    assert paper <= moa.router_loss({"a": a, "b": b}, mask) + 1e-7                # Jensen: ours bounds the paper's
+    with pytest.raises(ValueError, match="form"):
+        moa.router_loss({"a": a}, mask, form="nope")
+
+
+def test_train_moa_personalise_box_routed_smoke(tmp_path):
+    "The GPU script's diagnosis variants on a CPU: box-routed MoA, the paper's router-loss form, the extra sampling kinds."
+    import json, os, subprocess, sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "benchmarks/train_moa_personalise.py", "--smoke", "--no-tar", "--out", str(tmp_path),
+                        "--variants", "moa_box_routed,moa_half", "--router-form", "layer_mean"],
+                       cwd=root, env={**os.environ, "PYTHONPATH": str(root), "TQDM_DISABLE": "1"},
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads((tmp_path / "moa_personalise_h200.json").read_text())
+    by = {row["variant"]: row for row in rec["rows"]}
+    assert by["moa_box_routed"]["router_inside"] == 1.0 and by["moa_box_routed"]["router_outside"] == 0.0
+    assert {"personal_everywhere", "box_as_router"} <= set(by["moa_half"])
+    assert {"prior", "moa_half:personal", "moa_half:box", "moa_box_routed"} <= set(rec["prediction_error"])
+    assert rec["args"]["router_form"] == "layer_mean"

@@ -234,7 +234,8 @@ class Router(nn.Module):
 class MoAState:
     """What the processors read on each UNet call: the personalised branch's context (multimodal prompt), an
     optional forced routing ("prior" or "personal"), an optional `region` (B, 1, H, W) outside which the personalised
-    weight is set to zero (a diagnosis: the router made perfect outside the subject), whether to record the router maps,
+    weight is set to zero (a diagnosis: the router made perfect outside the subject; with `force="personal"` the region
+    itself is the routing, personalised weight 1 inside and 0 outside), whether to record the router maps,
     and whether to use the fused kernel (None: on CUDA tensors without autograd; True: always, through Triton; False: never)."""
     context: torch.Tensor | None = None
     force: str | None = None
@@ -269,7 +270,7 @@ class MoAAttnProcessor:
         w = self.router(x)                                                    # (B, N, 2)
         if self.state.force is not None:
             w = torch.zeros_like(w); w[..., 0 if self.state.force == "prior" else 1] = 1
-        elif self.state.region is not None:                                   # personalised weight only inside the region
+        if self.state.region is not None:                                     # personalised weight only inside the region
             pers = w[..., 1] * layer_mask(self.state.region, w.shape[1]).to(w)
             w = torch.stack([1 - pers, pers], -1)
         if self.state.record:
@@ -371,10 +372,21 @@ def layer_mask(mask: torch.Tensor, n_tokens: int) -> torch.Tensor:
         raise ValueError(f"n_tokens must be a square number of pixels, got {n_tokens}")
     return F.adaptive_avg_pool2d(mask, side).flatten(1)
 
-def router_loss(maps: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-    "Mean over layers of the personalised weight's square on background pixels: pushes the background to the prior."
+def router_loss(maps: dict[str, torch.Tensor], mask: torch.Tensor, form: str = "per_layer") -> torch.Tensor:
+    """The router loss on background pixels, which pushes them to the prior. "per_layer" (ours, the default): the mean
+    over layers of the personalised weight's square there. "layer_mean" (the paper's form as a summary of it gives it,
+    ||(1 - M) * (1 - mean_l R_prior^l)||^2): the square of the layers' mean personalised weight, normalised the same
+    way (per background pixel); maps are resized to the finest layer first."""
     if not maps:
         raise ValueError("maps: no router maps recorded (call the MoA model with record=True)")
+    if form == "layer_mean":
+        side = max(math.isqrt(w.shape[1]) for w in maps.values())
+        ws = [F.interpolate(w.view(w.shape[0], 1, math.isqrt(w.shape[1]), -1), size=(side, side), mode="nearest").flatten(1)
+              for w in maps.values()]
+        bg = 1 - layer_mask(mask, side * side)
+        return (bg * torch.stack(ws).mean(0) ** 2).sum() / bg.sum().clamp_min(1.0)
+    if form != "per_layer":
+        raise ValueError(f"form must be 'per_layer' or 'layer_mean', got {form!r}")
     losses = []
     for w in maps.values():                                   # w: (B, N) personalised weight per pixel
         bg = 1 - layer_mask(mask, w.shape[1])
@@ -388,10 +400,10 @@ def subject_refs(subjects: np.ndarray, idx, q: int) -> torch.Tensor:
 
 def train_moa(moa: MoA, text_encoder, ddpm, data: Scenes, subjects: np.ndarray, steps: int, batch_size: int = 32,
               lr: float = 1e-3, router_weight: float = 1.0, seed: int = 0, progress=None,
-              router_lr: float | None = None) -> list[dict]:
+              router_lr: float | None = None, router_form: str = "per_layer") -> list[dict]:
     """Personalisation: only MoA's experts, routers, image encoder and fusion learn (prior UNet and text encoder
     frozen). Loss: masked diffusion loss on the subject plus `router_weight` times the router loss. The routers
-    learn at `router_lr` (default: `lr`, like everything else)."""
+    learn at `router_lr` (default: `lr`, like everything else); `router_form` is `router_loss`'s form."""
     routers = {id(p) for p in moa.routers.parameters()}
     groups = [{"params": [p for p in moa.trainable_parameters() if id(p) not in routers]},
               {"params": list(moa.routers.parameters()), "lr": lr if router_lr is None else router_lr}]
@@ -407,7 +419,7 @@ def train_moa(moa: MoA, text_encoder, ddpm, data: Scenes, subjects: np.ndarray, 
         with torch.no_grad():
             text = text_encoder(data.ids[idx].to(dev)).last_hidden_state
         pred = moa(xt, t, text, refs, record=True)
-        l_mask, l_router = masked_diffusion_loss(pred, target, mask), router_loss(moa.state.maps, mask)
+        l_mask, l_router = masked_diffusion_loss(pred, target, mask), router_loss(moa.state.maps, mask, router_form)
         loss = l_mask + router_weight * l_router
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(moa.trainable_parameters(), 1.0); opt.step()
