@@ -314,11 +314,13 @@ def sample(model, prompts: torch.Tensor, max_new: int, *, temperature: float = 1
     for chunk in prompts.split(batch_size):
         out = model(input_ids=chunk, use_cache=True)
         cache, logits = out.past_key_values, out.logits[:, -1]
-        done = torch.zeros(len(chunk), dtype=torch.bool)
+        done = torch.zeros(len(chunk), dtype=torch.bool, device=chunk.device)
         new = []
         for _ in range(max_new):
             probs = torch.softmax(logits.float() / temperature, -1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            # draw on the generator's device (a CPU generator with a model on a GPU: one small copy per token)
+            on = generator.device if generator is not None else probs.device
+            nxt = torch.multinomial(probs.to(on), 1, generator=generator).squeeze(1).to(probs.device)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             new.append(nxt)
             done |= nxt == eos_id
@@ -343,7 +345,7 @@ def preference_pairs(policy, tasks: TaskSet, labeller: Labeller, tok: PreTrained
     # one sample at the policy's temperature, the other hotter, so the pairs also cover the rarer, worse outputs
     # that best-of-n with large n reaches into
     a, b = (sample(policy, tasks.prompts, max_new, temperature=t, eos_id=tok.eos_token_id,
-                   pad_id=tok.pad_token_id, generator=g) for t in (temperature, temperature * hot))
+                   pad_id=tok.pad_token_id, generator=g).cpu() for t in (temperature, temperature * hot))
     pairs = {"chosen_ids": [], "rejected_ids": [], "index": []}
     for i, rec in enumerate(tasks.records):
         wa, wb = completion_words(a[i], tok), completion_words(b[i], tok)
