@@ -7,7 +7,8 @@ channels, N = 16. Every kernel is checked against its reference before it is tim
 gate); times are medians of `triton.testing.do_bench`; the floor is reading the input and writing the
 output once at the copy bandwidth measured here.
 
-Run: PYTHONPATH=. python3 benchmarks/bench_megalodon.py --out results.json
+Run: PYTHONPATH=. python3 benchmarks/bench_megalodon.py --out book/results/megalodon_kernels_h200.json
+(`--smoke`: tiny sizes on the CPU under TRITON_INTERPRET=1, no official kernels: checks the script only.)
 Imports only torch, triton, numpy, pandas and tinylab.kernels / tinylab.core (no datasets on the GPU)."""
 import argparse
 import json
@@ -20,6 +21,9 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pandas as pd
+
+if "--smoke" in sys.argv:  # the CPU smoke run: Triton's interpreter must be chosen before triton is imported
+    os.environ["TRITON_INTERPRET"] = "1"
 import torch
 import triton
 from triton.testing import do_bench
@@ -48,21 +52,23 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
-def copy_bandwidth():
+def copy_bandwidth(smoke=False):
     "Bytes per second of a device-to-device copy of 1 GiB (read + write)."
+    if smoke:
+        return 1e10
     x = torch.empty(2**28, dtype=torch.float32, device="cuda")
     y = torch.empty_like(x)
     ms = do_bench(lambda: y.copy_(x), warmup=25, rep=200)
     return 2 * x.numel() * 4 / (ms * 1e-3)
 
 
-def gates(log):
-    "Correctness of every path before any timing; returns a dict of max relative errors."
+def gates(log, dev="cuda", T_gate=1000, D_gate=130):
+    "Correctness of every path before any timing (odd sizes, prior states); returns a dict of max relative errors."
     out = {}
     torch.manual_seed(0)
-    p, q, g = params(130, N)
-    x = torch.randn(2, 1000, 130, device="cuda")
-    h0 = torch.randn(2, 130, N, dtype=torch.complex64, device="cuda")
+    p, q, g = params(D_gate, N, device=dev)
+    x = torch.randn(2, T_gate, D_gate, device=dev)
+    h0 = torch.randn(2, D_gate, N, dtype=torch.complex64, device=dev)
     y_ref, h_ref = cema_ref(x, p, q, g, h0)
     y_tri, h_tri = cema(x, p, q, g, h0, backend="triton")
     y_fft, h_fft = cema_fft(x, p, q, g, h0)
@@ -80,10 +86,10 @@ def gates(log):
     gf = torch.autograd.grad((yf * dy).sum() + (hf * dh.conj()).real.sum(), ins2)
     out["cema_bwd_fp32"] = max(rel_err(a, b) for a, b in zip(gt, gf))
     # timestep norm
-    xt = torch.randn(2, 1000, 160, device="cuda") * 2 + 1
-    w, b = torch.randn(160, device="cuda"), torch.randn(160, device="cuda")
-    c0 = torch.tensor([0, 5], device="cuda")
-    m0, v0 = torch.randn(2, 8, device="cuda"), torch.rand(2, 8, device="cuda") + 0.5
+    xt = torch.randn(2, T_gate, 160, device=dev) * 2 + 1
+    w, b = torch.randn(160, device=dev), torch.randn(160, device=dev)
+    c0 = torch.tensor([0, 5], device=dev)
+    m0, v0 = torch.randn(2, 8, device=dev), torch.rand(2, 8, device=dev) + 0.5
     r = timestep_norm_ref(xt, 8, w, b, c0, m0, v0)
     t = timestep_norm(xt, 8, w, b, c0, m0, v0, backend="triton")
     out["tsn_fwd_fp32"] = max(rel_err(t[0], r[0]), rel_err(t[2], r[2]), rel_err(t[3], r[3]))
@@ -128,36 +134,63 @@ def official_cema(ops, x_bdl, p, q, g):
 
 
 def main():
+    global B, D, N, G, do_bench
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="megalodon_h100.json")
+    ap.add_argument("--out", default="megalodon_kernels_h200.json")
     ap.add_argument("--lengths", type=int, nargs="*", default=LENGTHS)
+    ap.add_argument("--budget-s", type=float, default=400, help="start no new length after this many seconds")
+    ap.add_argument("--no-official", action="store_true", help="skip building Megalodon's CUDA ops")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU under TRITON_INTERPRET=1 (checks the script)")
     args = ap.parse_args()
     t_start = time.time()
     log = lambda s: print(f"[{time.time() - t_start:6.1f}s] {s}", flush=True)
-    record = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "cuda": torch.version.cuda, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "shape": {"B": B, "D": D, "N": N, "groups": G}, "rows": []}
-    record["gates"] = gates(log)
+    if args.smoke:
+        dev, B, D, N, G, args.lengths, args.no_official = "cpu", 1, 8, 4, 2, [24], True
+        do_bench = lambda fn, warmup=0, rep=0: (lambda t0: (fn(), (time.perf_counter() - t0) * 1e3)[1])(time.perf_counter())
+    else:
+        dev = "cuda"
+    import tinylab.kernels.cema as cema_mod
+    import tinylab.kernels.timestep_norm as tsn_mod
+    record = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu (smoke test)", "torch": torch.__version__,
+              "triton": triton.__version__, "cuda": torch.version.cuda,
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": os.environ.get("TINYLAB_COMMIT"),
+              "args": vars(args), "dtype": "float32 (and bfloat16 x for cema_triton_bf16_ms)",
+              "timing": "triton.testing.do_bench, mean ms (L2 flushed before each call)",
+              "tuning": {"cema": getattr(cema_mod, "TUNING", None), "timestep_norm": getattr(tsn_mod, "TUNING", None)},
+              "shape": {"B": B, "D": D, "N": N, "groups": G}, "rows": [], "phase_s": {}}
+    record["gates"] = gates(log, dev, *((19, 6) if args.smoke else (1000, 130)))
     tol = {"cema_fwd_fp32": 1e-4, "cema_fft_vs_ref_fp32": 1e-4, "cema_fwd_bf16": 1e-2, "cema_bwd_fp32": 1e-4,
            "tsn_fwd_fp32": 1e-4, "tsn_fwd_bf16": 1e-2, "tsn_bwd_fp32": 1e-3}
     record["gates_pass"] = {k: v <= tol[k] for k, v in record["gates"].items()}
-    bw = copy_bandwidth()
+    record["phase_s"]["gates"] = round(time.time() - t_start, 1)
+    bw = copy_bandwidth(args.smoke)
     record["copy_bandwidth_GBps"] = bw / 1e9
     log(f"copy bandwidth {bw / 1e9:.0f} GB/s")
-    ops, status = official_ops(log)
+    t0 = time.time()
+    ops, status = (None, "skipped (--no-official)") if args.no_official else official_ops(log)
     record["official"] = status
-    p, q, g = params(D, N)
-    w, bias = torch.ones(D, device="cuda"), torch.zeros(D, device="cuda")
+    record["phase_s"]["official_build"] = round(time.time() - t0, 1)
+    p, q, g = params(D, N, device=dev)
+    w, bias = torch.ones(D, device=dev), torch.zeros(D, device=dev)
+    t0 = time.time()
     for T in args.lengths:
-        torch.cuda.empty_cache()
-        x = torch.randn(B, T, D, device="cuda")
+        if time.time() - t_start > args.budget_s:
+            log(f"budget reached: T = {T} and longer not run")
+            record.setdefault("skipped_lengths", []).append(T)
+            continue
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+        x = torch.randn(B, T, D, device=dev)
         floor_ms = 2 * x.numel() * 4 / bw * 1e3
         row = {"T": T, "floor_ms": floor_ms}
-        ok_cema = record["gates_pass"]["cema_fwd_fp32"]
-        ok_tsn = record["gates_pass"]["tsn_fwd_fp32"]
+        ok_cema = record["gates_pass"]["cema_fwd_fp32"] and record["gates_pass"]["cema_fwd_bf16"]
+        ok_tsn = record["gates_pass"]["tsn_fwd_fp32"] and record["gates_pass"]["tsn_fwd_bf16"]
         try:
             if ok_cema:
                 row["cema_triton_ms"] = do_bench(lambda: cema(x, p, q, g, backend="triton"), warmup=10, rep=100)
+                xb = x.bfloat16()
+                row["cema_triton_bf16_ms"] = do_bench(lambda: cema(xb, p, q, g, backend="triton"), warmup=10, rep=100)
+                row["floor_bf16_ms"] = floor_ms / 2
                 xg = x.clone().requires_grad_()
                 def fwd_bwd():
                     y, _ = cema(xg, p, q, g, backend="triton")
@@ -179,10 +212,13 @@ def main():
         try:
             if ok_tsn:
                 row["tsn_triton_ms"] = do_bench(lambda: timestep_norm(x, G, w, bias, backend="triton"), warmup=10, rep=100)
+                with torch.no_grad():
+                    row["tsn_triton_nograd_ms"] = do_bench(lambda: timestep_norm(x, G, w, bias, backend="triton"),
+                                                           warmup=10, rep=100)
             row["tsn_torch_ms"] = do_bench(lambda: timestep_norm_ref(x, G, w, bias), warmup=3, rep=50)
             if ops is not None:
-                c0 = torch.zeros(B, dtype=torch.int64, device="cuda")
-                m0, v0 = torch.zeros(B, G, device="cuda"), torch.ones(B, G, device="cuda")
+                c0 = torch.zeros(B, dtype=torch.int64, device=dev)
+                m0, v0 = torch.zeros(B, G, device=dev), torch.ones(B, G, device=dev)
                 off = lambda: ops.group_timestep_norm_fwd(x, c0, m0, v0, w, bias, None, G, 1e-5)
                 err = rel_err(off()[0], timestep_norm_ref(x, G, w, bias)[0])
                 row["tsn_official_relerr"] = err
@@ -192,12 +228,15 @@ def main():
             row["tsn_error"] = f"{type(e).__name__}: {str(e)[:200]}"
             traceback.print_exc()
         record["rows"].append(row)
-        log(json.dumps(row))
+        log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
         del x
+        record["phase_s"]["sweep"] = round(time.time() - t0, 1)
+        record["wall_s"] = round(time.time() - t_start, 1)
         with open(args.out, "w") as f:  # write as we go: a time-out still leaves the rows so far
             json.dump(record, f, indent=2)
     df = pd.DataFrame(record["rows"])
     print(df.to_string())
+    record["wall_s"] = round(time.time() - t_start, 1)
     with open(args.out, "w") as f:
         json.dump(record, f, indent=2)
 

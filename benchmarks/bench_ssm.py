@@ -1,28 +1,61 @@
-"""GPU benchmark of the selective scan (chapter nbs/10_ssm.ipynb): Triton kernel vs sequential PyTorch vs chunked
-PyTorch (eager and torch.compile) vs mamba-ssm's CUDA selective_scan (when .baselines/mamba_ss builds), forward pass,
-batch 2, D 1024, N 16, T 1k..64k, float32 and bfloat16; plus fwd+bwd through the autograd Function.
-Every implementation is checked against the reference before it is timed (no timing on a red gate).
-Usage: PYTHONPATH=. python3 benchmarks/bench_ssm.py --out results.json [--quick]"""
+"""GPU benchmark of the selective scan (kernel page nbs/10a_selective_scan.ipynb, chapter nbs/10_ssm.ipynb).
+
+Part 1, the anchor shape (batch 4, D 1536, N 16, T 2048; B and C shared by the channels, no z, no softplus), float32
+and bfloat16, in one run: the forward of our Triton kernel (autotuned), mamba-ssm's
+CUDA `selective_scan` (built from source, .baselines/), the chunked and sequential PyTorch references; the backward
+of our Triton kernel, mamba-ssm's CUDA backward and the chunked PyTorch backward; a training step (forward + backward)
+through `selective_scan`'s autograd Function. Part 2 (as the time budget allows): the forward at batch 2, D 1024,
+T 1k..64k. Every implementation is checked before it is timed (no timing on a red gate): forwards against the
+sequential definition (the chunked scan past T 4096), backwards against the chunked PyTorch backward.
+Times are medians of `triton.testing.do_bench`; floor = the bytes each pass must move at the measured copy bandwidth.
+Usage: PYTHONPATH=. python3 benchmarks/bench_ssm.py --out results.json [--budget S] [--smoke (CPU interpreter)]"""
 import argparse
 import datetime
 import json
 import os
+import platform
+import subprocess
 import sys
 import time
 import traceback
 
-import numpy as np
-import torch
-import triton
+if "--smoke" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tinylab.kernels.selective_scan import (_scan_in_chunk, random_inputs, selective_scan, selective_scan_chunked,
-                                            selective_scan_ref, selective_scan_triton)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from tinylab.kernels import selective_scan as ss  # noqa: E402
 
 T0 = time.perf_counter()
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# mamba-ssm builds: the trimmed forward+backward one (benchmarks/prep_mamba_ss_bwd.sh), else the forward-only one
+MAMBA_DIRS = (".baselines/mamba_ss_bwd", ".baselines/mamba_ss")
+BUILD = "import sys; sys.path.insert(0, {d!r}); from build import build; build()"
+# Nsight Compute metrics for our kernels (--ncu): what bounds them
+NCU_METRICS = ["gpu__time_duration.sum", "sm__throughput.avg.pct_of_peak_sustained_elapsed",
+               "dram__throughput.avg.pct_of_peak_sustained_elapsed", "sm__issue_active.avg.pct_of_peak_sustained_active",
+               "sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active",
+               "sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active",
+               "sm__pipe_alu_cycles_active.avg.pct_of_peak_sustained_active",
+               "sm__warps_active.avg.pct_of_peak_sustained_active", "launch__registers_per_thread",
+               "smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio",
+               "smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio",
+               "smsp__average_warps_issue_stalled_short_scoreboard_per_issue_active.ratio",
+               "smsp__average_warps_issue_stalled_math_pipe_throttle_per_issue_active.ratio",
+               "smsp__average_warps_issue_stalled_mio_throttle_per_issue_active.ratio",
+               "smsp__average_warps_issue_stalled_wait_per_issue_active.ratio"]
 
 
 def elapsed():
     return time.perf_counter() - T0
+
+
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
 
 
 def rel_err(out, ref):
@@ -31,176 +64,288 @@ def rel_err(out, ref):
 
 
 def bench_ms(fn, slow=False):
-    "Median ms by triton.testing.do_bench (few repetitions for the slow sequential loop)."
+    "Median ms: triton.testing.do_bench, or (slow) wall time of 3 synchronised calls; one call on a CPU (--smoke)."
+    if DEV == "cpu":  # --smoke: one call, wall time
+        t = time.perf_counter(); fn(); return (time.perf_counter() - t) * 1e3
     if slow:
-        fn(); torch.cuda.synchronize()
+        fn(); sync()
         ts = []
         for _ in range(3):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record(); fn(); e.record(); torch.cuda.synchronize(); ts.append(s.elapsed_time(e))
+            t = time.perf_counter(); fn(); sync(); ts.append((time.perf_counter() - t) * 1e3)
         return float(np.median(ts))
     return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
 
 
-def peak_mb(fn):
-    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn(); torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
 def copy_bandwidth():
     "GB/s of a device-to-device copy of 1 GiB (read + write)."
-    x = torch.empty(2**28, device="cuda"); y = torch.empty_like(x)
-    ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=10, rep=200, return_mode="median")
+    x = torch.empty(2**28 if DEV == "cuda" else 2**16, device=DEV); y = torch.empty_like(x)
+    ms = bench_ms(lambda: y.copy_(x))
     return 2 * x.numel() * 4 / (ms * 1e-3) / 1e9
 
 
-CHUNK = 256
+def mamba_layout(u, delta, B, C, g=None):
+    "mamba-ssm's layout: u, delta (batch, D, T); B, C (batch, 1, N, T). Transposes are not timed."
+    t = lambda x: x.transpose(1, 2).contiguous()
+    out = [t(u), t(delta), B.transpose(1, 2).unsqueeze(1).contiguous(), C.transpose(1, 2).unsqueeze(1).contiguous()]
+    return out + ([t(g)] if g is not None else [])
 
 
-def chunk_step(u_c, dt_c, A, B_c, C_c, h):
-    "One chunk of the chunked scan (float32): returns y of the chunk and the state after it."
-    dA = torch.exp(dt_c[..., None] * A)
-    dBu = (dt_c * u_c)[..., None] * B_c[:, :, None, :]
-    pa, pb = _scan_in_chunk(dA, dBu)
-    hs = pa * h[:, None] + pb
-    return (hs * C_c[:, :, None, :]).sum(-1), hs[:, -1]
+def ncu_target(target):
+    "Child of --ncu: autotune first (not profiled), then one profiled launch of our forward or backward."
+    direction, dtype = target.split(":")
+    kw = ss.random_inputs(4, 2048, 1536, 16, dtype=getattr(torch, dtype), device=DEV, seed=1)
+    if direction == "fwd":
+        fn = lambda: ss.selective_scan_triton(**kw)
+    else:
+        args = [kw[k] for k in ("u", "delta", "A", "B", "C", "D")] + [None]
+        g = torch.randn_like(kw["u"])
+        states = ss._scan_fwd(*args, save=True)[2]
+        fn = lambda: ss.selective_scan_triton_bwd(*args, g, None, states)
+    fn(); sync()
+    torch.cuda.cudart().cudaProfilerStart()
+    fn(); sync()
+    torch.cuda.cudart().cudaProfilerStop()
 
 
-compiled_step = torch.compile(chunk_step, dynamic=False)
-
-
-def chunked_compiled(u, delta, A, B, C, D):
-    u_, dt, B_, C_ = (x.float() for x in (u, delta, B, C))
-    h = u_.new_zeros(u.shape[0], u.shape[2], A.shape[1])
-    ys = []
-    for s in range(0, u.shape[1], CHUNK):
-        y, h = compiled_step(u_[:, s:s + CHUNK], dt[:, s:s + CHUNK], A, B_[:, s:s + CHUNK], C_[:, s:s + CHUNK], h)
-        ys.append(y)
-    return (torch.cat(ys, 1) + u_ * D).to(u.dtype), h
+def run_ncu(rec, budget_left):
+    "Nsight Compute's view of our kernels (key metrics only), parsed from its raw csv page."
+    import csv
+    import io
+    ncu = subprocess.run("command -v ncu", shell=True, capture_output=True, text=True).stdout.strip()
+    rec["ncu"] = {"ncu": ncu or "absent"}
+    for target in ("fwd:float32", "fwd:bfloat16", "bwd:float32", "bwd:bfloat16"):
+        pr = None
+        if not ncu or budget_left() < 40:
+            rec["skipped"].append(f"ncu {target}"); continue
+        cmd = [ncu, "--csv", "--page", "raw", "--profile-from-start", "off", "--metrics", ",".join(NCU_METRICS),
+               "-k", "regex:selective_scan_(fwd|bwd)_kernel", sys.executable, os.path.abspath(__file__), "--out", "/dev/null", "--ncu-target", target]
+        try:
+            pr = subprocess.run(cmd, capture_output=True, text=True, timeout=min(120, budget_left()),
+                                env={**os.environ, "PYTHONPATH": "."})
+            lines = [ln for ln in pr.stdout.splitlines() if ln.startswith('"')]
+            rows = list(csv.reader(io.StringIO("\n".join(lines))))
+            head = next(i for i, r in enumerate(rows) if "Kernel Name" in r)
+            keys, vals = rows[head], rows[-1]
+            rec["ncu"][target] = {k: vals[i] for i, k in enumerate(keys) if k in NCU_METRICS + ["Kernel Name", "Block Size", "Grid Size"]}
+        except Exception:  # noqa: BLE001
+            rec["ncu"][target] = {"error": traceback.format_exc()[-600:], "stderr": pr.stderr[-800:] if pr else ""}
+        print("ncu", target, rec["ncu"][target], flush=True)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--quick", action="store_true", help="short lengths only (a smoke test)")
-    ap.add_argument("--budget", type=float, default=370.0, help="seconds; later rows are skipped past it")
+    ap.add_argument("--budget", type=float, default=330.0, help="seconds; later rows are skipped past it")
     ap.add_argument("--no-mamba", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
+    ap.add_argument("--ncu", action="store_true", help="profile our kernels at the anchor shape with Nsight Compute")
+    ap.add_argument("--ncu-target", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    assert torch.cuda.is_available(), "this benchmark needs a GPU"
-    rec = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "cuda": torch.version.cuda, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "shape": "batch 2, D 1024, N 16 (B and C shared by channels), forward unless noted; ms = median",
-           "chunk": CHUNK, "rows": [], "checks": [], "skipped": [], "errors": []}
+    if args.ncu_target:
+        return ncu_target(args.ncu_target)
+    if not args.smoke:
+        assert DEV == "cuda", "this benchmark needs a GPU (or --smoke)"
+    rec = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke)", "torch": torch.__version__,
+           "triton": triton.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "commit": os.environ.get("TINYLAB_COMMIT", "unknown"), "script": "benchmarks/bench_ssm.py", "args": vars(args),
+           "bwd_block_t": ss.BWD_BLOCK_T, "rows": [], "checks": [], "skipped": [], "errors": [], "phases": {}}
 
     def save():
         rec["seconds"] = elapsed()
         with open(args.out, "w") as f:
             json.dump(rec, f, indent=1)
 
+    builds = {}
+    dirs = [d for d in MAMBA_DIRS if os.path.isdir(d)]
+    if dirs and not (args.no_mamba or args.smoke):  # built in the background while the Triton kernels compile and run
+        builds[dirs[0]] = subprocess.Popen([sys.executable, "-c", BUILD.format(d=dirs[0])], stdout=subprocess.PIPE,
+                                           stderr=subprocess.STDOUT, text=True)
     rec["copy_GBps"] = copy_bandwidth()
     print(f"{rec['device']}: copy {rec['copy_GBps']:.0f} GB/s", flush=True)
     save()
 
-    ext = None
-    if not args.no_mamba:
-        try:
-            t = time.perf_counter()
-            sys.path.insert(0, ".baselines/mamba_ss")
-            from build import build
-            ext = build()
-            rec["mamba_ssm"] = f"built from source in {time.perf_counter() - t:.0f} s"
-        except Exception as e:  # noqa: BLE001 - recorded, the rest still runs
-            rec["mamba_ssm"] = f"build failed: {type(e).__name__}: {str(e)[-300:]}"
-        print("mamba-ssm:", rec["mamba_ssm"], flush=True)
-        save()
-    else:
-        rec["mamba_ssm"] = "not attempted (--no-mamba)"
+    ext = [None]
 
-    batch, dm, n = 2, 1024, 16
-    lengths = [1024, 4096] if args.quick else [1024, 4096, 16384, 65536]
-    shapes = [(batch, T, dm, n) for T in lengths] + [(4, 2048, 1536, 16)]   # the last: the anchor's shape
+    def mamba():
+        "mamba-ssm's extension: the background build (waited for once), else the forward-only build, else None."
+        if builds and "mamba_ssm" not in rec:
+            t = time.perf_counter()
+            for d in dirs:
+                try:
+                    if d in builds:
+                        out, _ = builds[d].communicate(timeout=max(5.0, args.budget - 60 - elapsed()))
+                        rc = builds[d].returncode
+                    else:
+                        pr = subprocess.run([sys.executable, "-c", BUILD.format(d=d)], capture_output=True, text=True,
+                                            timeout=max(5.0, args.budget - 60 - elapsed()))
+                        out, rc = pr.stdout + pr.stderr, pr.returncode
+                    if rc == 0:
+                        sys.path.insert(0, d); sys.modules.pop("build", None)
+                        from build import build
+                        ext[0] = build(); sys.path.remove(d)
+                        rec["mamba_ssm"] = f"{d}, built from source ({'forward and backward' if hasattr(ext[0], 'bwd') else 'forward only'})"
+                        break
+                    rec["errors"].append(f"mamba-ssm build {d}: {out[-800:]}")
+                except Exception:  # noqa: BLE001 - recorded, the rest still runs
+                    if d in builds:
+                        builds[d].kill()
+                    rec["errors"].append(f"mamba-ssm build {d}: {traceback.format_exc()[-800:]}")
+            rec.setdefault("mamba_ssm", "build failed")
+            rec["phases"]["wait for mamba-ssm build"] = time.perf_counter() - t
+            print("mamba-ssm:", rec["mamba_ssm"], flush=True)
+        return ext[0]
+
+    def add(part, impl, direction, dtype, b, T, d, n, fn, floor_ms, err, slow=False):
+        name = str(dtype).split(".")[1]
+        if elapsed() > args.budget:
+            rec["skipped"].append(f"{impl} {direction} {name} T={T}: over the time budget"); return None
+        try:
+            ms = bench_ms(fn, slow)
+            rec["rows"].append({"part": part, "impl": impl, "dir": direction, "dtype": name, "batch": b, "T": T, "D": d, "N": n,
+                                "ms": ms, "floor_ms": floor_ms, "frac_of_floor": floor_ms / ms, "rel_err": err})
+            print(f"{impl:30s} {direction:7s} {name:8s} b{b} T{T:6d} D{d}: {ms:9.3f} ms  ({floor_ms / ms:5.1%} of floor, "
+                  f"err {err:.1e}) [{elapsed():.0f}s]", flush=True)
+            return ms
+        except Exception as e:  # noqa: BLE001
+            rec["errors"].append(f"{impl} {direction} {name} T={T}: {type(e).__name__}: {str(e)[-400:]}")
+            print("ERROR", rec["errors"][-1], flush=True)
+            if "out of memory" in str(e):
+                torch.cuda.empty_cache()
+        finally:
+            save()
+
+    def gate(impl, direction, dtype, T, err, tol):
+        ok = bool(err < tol)
+        rec["checks"].append({"impl": impl, "dir": direction, "dtype": str(dtype).split(".")[1], "T": T, "rel_err": err,
+                              "tol": tol, "ok": ok})
+        if not ok:
+            print(f"RED GATE {impl} {direction} {dtype} T={T}: rel err {err:.2e} > {tol:.0e}", flush=True)
+        return ok
+
+    # ---- part 1: the anchor shape: ours and the PyTorch references first, then mamba-ssm (its build runs meanwhile)
+    t_part = time.perf_counter()
+    b, T, d, n = (4, 2048, 1536, 16) if not args.smoke else (2, 19, 12, 4)
+    refs = {}
     for dtype in (torch.float32, torch.bfloat16):
         tol = 1e-4 if dtype == torch.float32 else 1e-2
-        for (b, T, d, nn_) in shapes:
-            if elapsed() > args.budget:
-                rec["skipped"].append(f"{dtype} T={T}: over the time budget"); continue
-            kw = random_inputs(b, T, d, nn_, dtype=dtype, device="cuda", seed=T)
-            u, delta, A, B, C, D = (kw[k] for k in ("u", "delta", "A", "B", "C", "D"))
-            esz = u.element_size()
-            bytes_io = (3 * b * T * d + 2 * b * T * nn_) * esz + 2 * d * nn_ * 4
-            floor_ms = bytes_io / (rec["copy_GBps"] * 1e9) * 1e3
-            # the gate's reference: the sequential definition where it is affordable, else the chunked scan
-            # (itself checked against the sequential one at the short lengths)
-            if T <= 4096:
-                ref_y, _ = selective_scan_ref(**kw); ref_name = "sequential"
-            else:
-                ref_y, _ = selective_scan_chunked(**kw, chunk=CHUNK); ref_name = "chunked"
-            impls = {
-                "Triton": (lambda: selective_scan_triton(**kw), False),
-                "chunked PyTorch": (lambda: selective_scan_chunked(**kw, chunk=CHUNK), False),
-                "chunked PyTorch + torch.compile": (lambda: chunked_compiled(u, delta, A, B, C, D), False),
-            }
-            if T <= 4096 and b == batch:
-                impls["sequential PyTorch"] = (lambda: selective_scan_ref(**kw), True)
-            if ext is not None:
-                um, dm_ = u.transpose(1, 2).contiguous(), delta.transpose(1, 2).contiguous()
-                Bm, Cm = B.transpose(1, 2).unsqueeze(1).contiguous(), C.transpose(1, 2).unsqueeze(1).contiguous()
-                impls["mamba-ssm CUDA"] = (lambda: (ext.fwd(um, dm_, A, Bm, Cm, D, None, None, False)[0].transpose(1, 2),), False)
-            for name, (fn, slow) in impls.items():
-                if elapsed() > args.budget:
-                    rec["skipped"].append(f"{name} {dtype} T={T}: over the time budget"); continue
-                try:
-                    out = fn()[0]
-                    err = rel_err(out, ref_y)
-                    ok = err < (tol if name != "mamba-ssm CUDA" else max(tol, 1e-3))
-                    rec["checks"].append({"impl": name, "dtype": str(dtype).split(".")[1], "T": T, "batch": b, "D": d,
-                                          "vs": ref_name, "rel_err": err, "ok": ok})
-                    if not ok:
-                        print(f"RED GATE {name} {dtype} T={T}: rel err {err:.2e}", flush=True); continue
-                    ms = bench_ms(fn, slow)
-                    mb = peak_mb(fn)
-                    rec["rows"].append({"impl": name, "dtype": str(dtype).split(".")[1], "T": T, "batch": b, "D": d, "N": nn_,
-                                        "ms": ms, "floor_ms": floor_ms, "GBps": bytes_io / (ms * 1e-3) / 1e9,
-                                        "frac_of_copy_bw": floor_ms / ms, "peak_MB": mb, "rel_err": err})
-                    print(f"{name:34s} {str(dtype):15s} b={b} D={d} T={T:6d}: {ms:9.3f} ms  (floor {floor_ms:.3f} ms, "
-                          f"{floor_ms / ms:5.1%} of copy bw, err {err:.1e}, {elapsed():.0f}s)", flush=True)
-                except Exception as e:  # noqa: BLE001
-                    rec["errors"].append(f"{name} {dtype} T={T}: {type(e).__name__}: {str(e)[-400:]}")
-                    print("ERROR", rec["errors"][-1], flush=True)
-                    if "out of memory" in str(e):
-                        torch.cuda.empty_cache()
-                save()
-            del kw, u, delta, B, C, ref_y
-            torch.cuda.empty_cache()
+        gtol = 1e-3 if dtype == torch.float32 else 5e-2
+        esz = 4 if dtype == torch.float32 else 2
+        # floors: forward reads u, delta, B, C, writes y; backward reads u, delta, B, C, dy, writes du, ddelta, dB, dC
+        floor_f = ((3 * b * T * d + 2 * b * T * n) * esz + 2 * d * n * 4) / (rec["copy_GBps"] * 1e9) * 1e3
+        floor_b = ((5 * b * T * d + 4 * b * T * n) * esz + 3 * d * n * 4) / (rec["copy_GBps"] * 1e9) * 1e3
+        kw = ss.random_inputs(b, T, d, n, dtype=dtype, device=DEV, seed=1)
+        u, delta, A, B, C, D = (kw[k] for k in ("u", "delta", "A", "B", "C", "D"))
+        ref_y, ref_h = ss.selective_scan_ref(**kw)
+        fwd = {"Triton": lambda: ss.selective_scan_triton(**kw),
+               "chunked PyTorch": lambda: ss.selective_scan_chunked(**kw, chunk=64),
+               "sequential PyTorch": lambda: ss.selective_scan_ref(**kw)}
+        for impl, fn in fwd.items():
+            try:
+                err = rel_err(fn()[0], ref_y)
+            except Exception as e:  # noqa: BLE001
+                rec["errors"].append(f"{impl} fwd {dtype}: {type(e).__name__}: {str(e)[-400:]}"); continue
+            if gate(impl, "fwd", dtype, T, err, tol):
+                add("anchor", impl, "fwd", dtype, b, T, d, n, fn, floor_f, err, slow=impl == "sequential PyTorch")
+        # backward: from one output gradient; ours given the states its forward kept
+        g = torch.randn_like(u)
+        ref_g = ss.selective_scan_bwd(u, delta, A, B, C, D, None, g, None, chunk=64)
+        _, _, states = ss._scan_fwd(u, delta, A, B, C, D, None, save=True)
+        bwd = {"Triton": lambda: ss.selective_scan_triton_bwd(u, delta, A, B, C, D, None, g, None, states),
+               "chunked PyTorch": lambda: ss.selective_scan_bwd(u, delta, A, B, C, D, None, g, None, chunk=64)}
+        for impl, fn in bwd.items():
+            try:
+                errs = {k: rel_err(o, r) for k, o, r in zip(("du", "ddelta", "dA", "dB", "dC", "dD"), fn(), ref_g)}
+            except Exception as e:  # noqa: BLE001
+                rec["errors"].append(f"{impl} bwd {dtype}: {type(e).__name__}: {str(e)[-400:]}"); continue
+            rec.setdefault("bwd_errors", {})[f"{impl} {str(dtype)[6:]}"] = errs
+            if gate(impl, "bwd", dtype, T, max(errs.values()), gtol):
+                add("anchor", impl, "bwd", dtype, b, T, d, n, fn, floor_b, max(errs.values()), slow=impl == "chunked PyTorch")
+        # a training step through the autograd Function (forward keeps the states, backward uses them)
+        leaves = [x.detach().clone().requires_grad_() for x in (u, delta, A, B, C, D)]
+        for backend in ("triton", "chunked"):
+            def step():
+                y, _ = ss.selective_scan(*leaves, backend=backend)
+                return torch.autograd.grad(y, leaves, g)
+            try:
+                errs = {k: rel_err(o, r) for k, o, r in zip(("du", "ddelta", "dA", "dB", "dC", "dD"), step(), ref_g)}
+            except Exception as e:  # noqa: BLE001
+                rec["errors"].append(f"fwd+bwd {backend} {dtype}: {type(e).__name__}: {str(e)[-400:]}"); continue
+            impl = "Triton" if backend == "triton" else "chunked PyTorch"
+            if gate(f"autograd, {impl}", "fwd+bwd", dtype, T, max(errs.values()), gtol):
+                add("anchor", impl, "fwd+bwd", dtype, b, T, d, n, step, floor_f + floor_b, max(errs.values()),
+                    slow=backend == "chunked")
+        refs[dtype] = (kw, g, ref_y, ref_g, floor_f, floor_b)
+        del states, leaves
+    for dtype, (kw, g, ref_y, ref_g, floor_f, floor_b) in refs.items():
+        if mamba() is None:
+            break
+        tol, gtol = (1e-3, 1e-3) if dtype == torch.float32 else (1e-2, 5e-2)
+        u, delta, A, B, C, D = (kw[k] for k in ("u", "delta", "A", "B", "C", "D"))
+        um, dm_, Bm, Cm, gm = mamba_layout(u, delta, B, C, g)
+        fn = lambda: (ext[0].fwd(um, dm_, A, Bm, Cm, D, None, None, False)[0].transpose(1, 2),)
+        try:
+            err = rel_err(fn()[0], ref_y)
+            if gate("mamba-ssm CUDA", "fwd", dtype, T, err, tol):
+                add("anchor", "mamba-ssm CUDA", "fwd", dtype, b, T, d, n, fn, floor_f, err)
+            if hasattr(ext[0], "bwd"):
+                xs = ext[0].fwd(um, dm_, A, Bm, Cm, D, None, None, False)[1]
+                t2 = lambda x: x.transpose(1, 2)
+                fb = lambda: ext[0].bwd(um, dm_, A, Bm, Cm, D, None, None, gm, xs, None, None, False, False)
+                o = fb()
+                errs = {k: rel_err(x, r) for k, x, r in zip(("du", "ddelta", "dA", "dB", "dC", "dD"),
+                        (t2(o[0]), t2(o[1]), o[2], t2(o[3].squeeze(1)), t2(o[4].squeeze(1)), o[5]), ref_g)}
+                rec.setdefault("bwd_errors", {})[f"mamba-ssm CUDA {str(dtype)[6:]}"] = errs
+                if gate("mamba-ssm CUDA", "bwd", dtype, T, max(errs.values()), gtol):
+                    add("anchor", "mamba-ssm CUDA", "bwd", dtype, b, T, d, n, fb, floor_b, max(errs.values()))
+        except Exception as e:  # noqa: BLE001
+            rec["errors"].append(f"mamba-ssm {dtype}: {type(e).__name__}: {str(e)[-400:]}")
+    del refs
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+    rec["phases"]["part 1 (anchor shape)"] = time.perf_counter() - t_part
+    save()
+    if args.ncu and DEV == "cuda":
+        t_part = time.perf_counter()
+        run_ncu(rec, lambda: args.budget - elapsed())
+        rec["phases"]["Nsight Compute"] = time.perf_counter() - t_part
+        save()
 
-    # training: forward + backward through the autograd Function (Triton forward vs chunked forward)
-    for T in (4096,):
-        for dtype in (torch.float32, torch.bfloat16):
+    # ---- part 2: forward over lengths, batch 2, D 1024 (as the budget allows)
+    t_part = time.perf_counter()
+    lengths = [1024, 4096, 16384, 65536] if not args.smoke else [33]
+    b, d, n = (2, 1024, 16) if not args.smoke else (1, 5, 3)
+    for dtype in (torch.float32, torch.bfloat16):
+        tol = 1e-4 if dtype == torch.float32 else 1e-2
+        esz = 4 if dtype == torch.float32 else 2
+        for T in lengths:
             if elapsed() > args.budget:
-                rec["skipped"].append(f"fwd+bwd {dtype} T={T}"); continue
-            kw = random_inputs(batch, T, dm, n, dtype=dtype, device="cuda", seed=1)
-            leaves = [kw[k].requires_grad_() for k in ("u", "delta", "A", "B", "C", "D")]
-            gy = torch.randn_like(kw["u"])
-            for backend in ("triton", "chunked"):
+                rec["skipped"].append(f"sweep {dtype} T={T}: over the time budget"); continue
+            kw = ss.random_inputs(b, T, d, n, dtype=dtype, device=DEV, seed=T)
+            u, delta, A, B, C, D = (kw[k] for k in ("u", "delta", "A", "B", "C", "D"))
+            floor_f = ((3 * b * T * d + 2 * b * T * n) * esz + 2 * d * n * 4) / (rec["copy_GBps"] * 1e9) * 1e3
+            ref_y = ss.selective_scan_ref(**kw)[0] if T <= 4096 else ss.selective_scan_chunked(**kw, chunk=256)[0]
+            fwd = {"Triton": lambda: ss.selective_scan_triton(**kw),
+                   "chunked PyTorch": lambda: ss.selective_scan_chunked(**kw, chunk=256)}
+            if ext[0] is not None:
+                um, dm_, Bm, Cm = mamba_layout(u, delta, B, C)
+                fwd["mamba-ssm CUDA"] = lambda: (ext[0].fwd(um, dm_, A, Bm, Cm, D, None, None, False)[0].transpose(1, 2),)
+            for impl, fn in fwd.items():
                 try:
-                    def step():
-                        y, _ = selective_scan(*leaves, backend=backend, chunk=CHUNK)
-                        return torch.autograd.grad(y, leaves, gy)
-                    ms = bench_ms(step)
-                    rec["rows"].append({"impl": f"fwd+bwd, {backend} forward", "dtype": str(dtype).split(".")[1], "T": T,
-                                        "batch": batch, "D": dm, "N": n, "ms": ms, "peak_MB": peak_mb(step)})
-                    print(f"fwd+bwd {backend} {dtype} T={T}: {ms:.3f} ms", flush=True)
+                    err = rel_err(fn()[0], ref_y)
                 except Exception as e:  # noqa: BLE001
-                    rec["errors"].append(f"fwd+bwd {backend} {dtype}: {type(e).__name__}: {str(e)[-400:]}")
-                save()
-    # which block sizes the autotuner chose
-    try:
-        from tinylab.kernels.selective_scan import _fwd_tuned
-        rec["autotune"] = {str(k): str(v) for k, v in _fwd_tuned.cache.items()}
-    except Exception:  # noqa: BLE001
-        pass
+                    rec["errors"].append(f"{impl} fwd {dtype} T={T}: {type(e).__name__}: {str(e)[-400:]}"); continue
+                if gate(impl, "fwd", dtype, T, err, max(tol, 1e-3) if impl == "mamba-ssm CUDA" else tol):
+                    add("sweep", impl, "fwd", dtype, b, T, d, n, fn, floor_f, err)
+            del kw, u, delta, B, C, ref_y
+            if DEV == "cuda":
+                torch.cuda.empty_cache()
+    rec["phases"]["part 2 (lengths)"] = time.perf_counter() - t_part
+    rec["autotune"] = {name: {str(k): str(v) for k, v in tuned.cache.items()}
+                       for name, tuned in (("fwd", ss._fwd_tuned), ("fwd, keeping states", ss._fwd_save_tuned), ("bwd", ss._bwd_tuned))}
+    for p in builds.values():
+        if p.poll() is None:
+            p.kill()
     save()
     print(f"done in {elapsed():.0f} s; {len(rec['rows'])} rows, {len(rec['errors'])} errors, {len(rec['skipped'])} skipped")
 

@@ -154,3 +154,23 @@ def test_input_past_int32_offsets():
     y, _ = cema(x, p, q, gamma, backend="triton", need_state=False)
     want, _ = cema_ref(x[2:, :512].float(), p, q, gamma)   # the third sequence's start, on its own
     torch.testing.assert_close(y[2:, :512].float(), want, atol=3e-2, rtol=3e-2)
+
+
+def test_megalodon_kernel_benchmark_smoke(tmp_path):
+    "benchmarks/bench_megalodon.py --smoke: every gate (CEMA and timestep norm, fp32, bf16, backward) and one timed row, on the CPU."
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "megalodon_kernels.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "benchmarks/bench_megalodon.py", "--smoke", "--out", str(out)],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads(out.read_text())
+    assert rec["gates_pass"] and all(rec["gates_pass"].values()), rec["gates"]
+    row = rec["rows"][0]
+    assert {"cema_triton_ms", "cema_triton_bf16_ms", "tsn_triton_ms", "floor_ms"} <= set(row)
+    assert rec["tuning"]["timestep_norm"] and "commit" in rec

@@ -210,3 +210,87 @@ def test_one_sequence_past_int32_offsets():
     # exp(-0.5) a step, so what came before them is below 1e-40 by the last 64
     want, _ = ss.selective_scan_ref(u[:, T - 256:], delta[:, T - 256:], A, B[:, T - 256:], B[:, T - 256:])
     torch.testing.assert_close(y[:, T - 64:].float(), want[:, -64:].float(), atol=2e-2, rtol=2e-2)
+
+
+# ---- the Triton backward (issue 15): odd sizes, fp32 and bf16, every input's gradient, against autograd through the
+# sequential definition. BWD_BLOCK_T is 8 in the interpreter, so T = 1, 8, 21 are one partial, one full and three tiles.
+BWD_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
+
+
+@pytest.mark.parametrize("batch,T,D,N,with_D,with_h0,with_ghT", [
+    pytest.param(1, 1, 1, 1, True, False, False, id="B1-T1-D1-N1"),
+    pytest.param(2, 21, 9, 5, True, True, True, id="B2-T21-D9-N5-h0-ghT"),
+    pytest.param(1, 8, 17, 3, False, False, True, id="B1-T8-D17-N3-noD"),
+    pytest.param(3, 13, 6, 16, True, True, False, id="B3-T13-D6-N16-h0"),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_backward_matches_reference_autograd(poison_empty, batch, T, D, N, with_D, with_h0, with_ghT, dtype):
+    kw = ss.random_inputs(batch, T, D, N, dtype=dtype, device=DEV, with_D=with_D, with_h0=with_h0, seed=T + N)
+    kw = {k: v for k, v in kw.items() if v is not None}
+    g = torch.randn(batch, T, D, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEV)
+    g_h = torch.randn(batch, D, N, generator=torch.Generator().manual_seed(2)).to(DEV) if with_ghT else None
+    grads = {}
+    for backend in ("ref", "triton"):
+        leaves = {k: v.clone().requires_grad_() for k, v in kw.items()}
+        y, h = ss.selective_scan(**leaves, backend=backend)
+        loss = (y.float() * g.float()).sum() + ((h * g_h).sum() if with_ghT else 0.0)
+        grads[backend] = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+    for name in kw:
+        ref_g, tri_g = grads["ref"][name], grads["triton"][name]
+        assert tri_g.dtype == ref_g.dtype and tri_g.shape == ref_g.shape, name
+        assert_close(f"grad {name}", ref_g, tri_g, BWD_TOL[dtype])
+
+
+def test_triton_backward_direct_call_and_kept_states(poison_empty):
+    "The forward keeps the state entering every backward tile (the chunked scan's chunk starts) and h_T after them."
+    kw = ss.random_inputs(2, 19, 7, 4, device=DEV, with_h0=True, seed=7)
+    y, hT, states = ss._scan_fwd(*kw.values(), save=True)
+    _, _, starts = ss.selective_scan_chunked(**kw, chunk=ss.BWD_BLOCK_T, return_starts=True)
+    n_tiles = -(-19 // ss.BWD_BLOCK_T)
+    assert states.shape == (2, n_tiles + 1, 7, 4)
+    assert_close("kept states", starts, states[:, :n_tiles], 1e-5)
+    assert_close("h_T", ss.selective_scan_ref(**kw)[1], states[:, n_tiles], 1e-5)
+    g = torch.randn_like(kw["u"])
+    ref = ss.selective_scan_bwd(*kw.values(), g, None)
+    tri = ss.selective_scan_triton_bwd(*kw.values(), g, None, states)
+    for name, r, t in zip("du ddelta dA dB dC dD dh0".split(), ref, tri):
+        assert_close(name, r, t, 1e-4)
+
+
+@pytest.mark.parametrize("changes,match", [
+    pytest.param(dict(gy=torch.zeros(2, 9, 4)), "gy must be a contiguous tensor of u's shape", id="gy-shape"),
+    pytest.param(dict(ghT=torch.zeros(2, 5, 2)), "ghT must be a contiguous tensor of shape", id="ghT-shape"),
+    pytest.param(dict(states=torch.zeros(2, 1, 5, 3)), "states must have shape", id="states-shape"),
+])
+def test_triton_backward_bad_inputs(changes, match):
+    _, _, states = ss._scan_fwd(*KW.values(), save=True)
+    args = dict(**KW, gy=torch.zeros_like(KW["u"]), ghT=None, states=states)
+    with pytest.raises(ValueError, match=match):
+        ss.selective_scan_triton_bwd(**{**args, **changes})
+
+
+def test_forward_keeps_states_only_when_a_gradient_is_needed(monkeypatch):
+    kw = ss.random_inputs(1, 10, 3, 2, device=DEV)
+    saves = []
+    fwd = ss._scan_fwd
+    monkeypatch.setattr(ss, "_scan_fwd", lambda *a, save, **k: saves.append(save) or fwd(*a, save=save, **k))
+    with torch.no_grad():
+        ss.selective_scan(**kw, backend="triton")
+    ss.selective_scan(**{**kw, "u": kw["u"].requires_grad_()}, backend="triton")
+    assert saves == [False, True]
+
+
+def test_benchmark_smoke(tmp_path):
+    "benchmarks/bench_ssm.py --smoke: every implementation gated, then timed, forward, backward and a training step."
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / "ssm.json"
+    proc = subprocess.run([sys.executable, "benchmarks/bench_ssm.py", "--smoke", "--out", str(out)], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": ".", "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rec = json.loads(out.read_text())
+    assert not rec["errors"] and all(c["ok"] for c in rec["checks"]), (rec["errors"], rec["checks"])
+    got = {(r["impl"], r["dir"], r["dtype"]) for r in rec["rows"] if r["part"] == "anchor"}
+    for dtype in ("float32", "bfloat16"):
+        assert {("Triton", d, dtype) for d in ("fwd", "bwd", "fwd+bwd")} <= got

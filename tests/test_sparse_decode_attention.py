@@ -50,6 +50,36 @@ def test_kernel_matches_reference(poison_empty, B, H, Hkv, NQ, N, D, M, pad, dty
     assert_close("out", ref, tri, TOL[dtype])
 
 
+# the split paths (issue #15): splits merged in the same launch by the last split to finish (rows per kv head
+# <= TUNING["merge_rows"]) or by the separate merge kernel; chunk counts that do not divide into the splits
+SPLIT_CASES = [
+    pytest.param(1, 4, 4, 1, 203, 32, 26, 0, 3, id="mha-1q-26-chunks-3-splits"),
+    pytest.param(2, 8, 2, 1, 150, 24, 19, 2, 4, id="gqa4-1q-d24-padding-4-splits"),
+    pytest.param(1, 8, 2, 2, 99, 16, 13, 0, 5, id="gqa4-nq2-8-rows-5-splits"),
+    pytest.param(1, 12, 1, 3, 77, 16, 10, 1, 3, id="mqa12-nq3-36-rows-merge-kernel"),
+    pytest.param(1, 2, 1, 1, 1, 16, 1, 0, 3, id="one-token-cache"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("B,H,Hkv,NQ,N,D,M,pad,splits", SPLIT_CASES)
+def test_split_paths(poison_empty, B, H, Hkv, NQ, N, D, M, pad, splits, dtype):
+    q, k, v, idx = make(B, H, Hkv, NQ, N, D, M, dtype, pad=pad, seed=1)
+    ref = sparse_decode_attention_ref(q, k, v, idx)
+    for ids in (idx, idx.to(torch.int32)):      # int64 ids are converted, int32 ones read as they are
+        assert_close("out", ref, sparse_decode_attention(q, k, v, ids, num_splits=splits, use_triton=True), TOL[dtype])
+
+
+def test_in_launch_merge_leaves_its_counters_at_zero(poison_empty):
+    "The last split of each kv head merges and resets its counter, so calls of other sizes reuse the buffer safely."
+    from tinylab.kernels import sparse_decode_attention as mod
+    for B, Hkv, splits in ((1, 2, 3), (2, 4, 2), (1, 1, 4), (1, 2, 3)):
+        q, k, v, idx = make(B, 2 * Hkv, Hkv, 1, 70, 16, 8, torch.float32, seed=B + splits)
+        assert_close("out", sparse_decode_attention_ref(q, k, v, idx),
+                     sparse_decode_attention(q, k, v, idx, num_splits=splits, use_triton=True), 1e-4)
+    assert mod._COUNTERS and all(int(buf.abs().sum()) == 0 for buf in mod._COUNTERS.values())
+
+
 @pytest.mark.parametrize("chunk", [4, 16])
 def test_other_chunk_sizes_and_one_split(poison_empty, chunk):
     q, k, v, idx = make(1, 4, 2, 2, 90, 16, 5, torch.float32, chunk=chunk)

@@ -71,6 +71,22 @@ def test_segments_equal_one_pass():
     assert_close("var segments", v, v2, 1e-4)
 
 
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
+@pytest.mark.parametrize("B,T,D,G", [pytest.param(1, 41, 6, 2, id="T41-K3"), pytest.param(2, 70, 20, 4, id="T70-K5")])
+def test_time_segments(poison_empty, B, T, D, G, dtype):
+    "Split into time segments (pass 1: each segment's summary; pass 2: merge the ones before, then scan), last one partial."
+    from tinylab.kernels.timestep_norm import _segments
+    S, seg_len = _segments(B, T, G, 8, torch.device("cpu"))
+    assert S > 1 and T % seg_len != 0
+    x, w, b, c0, m0, v0 = make(B, T, D, G, dtype, seed=3)
+    x = (x.float() + 30).to(dtype)                  # a mean far from zero: the merges must keep their digits
+    ref = timestep_norm_ref(x, G, w, b, c0, m0, v0)
+    tri = timestep_norm(x, G, w, b, c0, m0, v0, backend="triton")
+    assert_close("y", ref[0].float(), tri[0].float(), TOL[dtype])
+    assert_close("mean", ref[2], tri[2], TOL[torch.float32])
+    assert_close("var", ref[3], tri[3], 1e-3)
+
+
 @pytest.mark.parametrize("kw,exc,match", [
     (dict(x=torch.randn(4, 8)), ValueError, "x must be"),
     (dict(x=torch.randint(0, 3, (1, 4, 8))), TypeError, "x must be float"),

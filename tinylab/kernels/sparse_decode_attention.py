@@ -5,6 +5,7 @@
 # %% ../../nbs/21a_sparse_decode_attention.ipynb #cell-003
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -12,8 +13,8 @@ import triton
 import triton.language as tl
 
 # %% auto #0
-__all__ = ['MAX_ROWS', 'SMEM_BYTES', 'sparse_decode_attention_ref', 'sparse_decode_attention_kernel', 'combine_splits_kernel',
-           'sparse_decode_attention']
+__all__ = ['MAX_ROWS', 'SMEM_BYTES', 'TUNING', 'sparse_decode_attention_ref', 'sparse_decode_attention_kernel',
+           'combine_splits_kernel', 'sparse_decode_attention']
 
 # %% ../../nbs/21a_sparse_decode_attention.ipynb #cell-009
 MAX_ROWS = 128  # query rows (heads per kv head x new tokens) one call may hold
@@ -85,13 +86,16 @@ def sparse_decode_attention_ref(q, k, v, chunk_idx, chunk_size=8, scale=None, nu
 # %% ../../nbs/21a_sparse_decode_attention.ipynb #cell-019
 # sizes that change from one decoding step to the next are not specialised on (Triton would compile a variant for each
 # value that is 1 or a multiple of 16, seconds each, in the middle of decoding)
-@triton.jit(do_not_specialize=["stride_qb", "stride_ib", "stride_ih", "N", "M", "NQ", "R", "chunks_per_split"])
+@triton.jit(do_not_specialize=["stride_qb", "stride_ib", "stride_ih", "N", "M", "NQ", "R", "chunks_per_split",
+                               "stride_ob", "stride_oh", "stride_ot"])
 def sparse_decode_attention_kernel(Q, K, V, IDX, O_PART, LSE_PART,
                                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                                    stride_vb, stride_vh, stride_vt, stride_ib, stride_ih,
                                    Hkv, N, M, NQ, R, scale, chunks_per_split,
                                    D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr,
-                                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr):
+                                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
+                                   OUT=None, LOCK=None, stride_ob=0, stride_oh=0, stride_ot=0,
+                                   MERGE: tl.constexpr = False, BLOCK_S: tl.constexpr = 2):
     pid_bh, split = tl.program_id(0), tl.program_id(1)
     b, hk = (pid_bh // Hkv).to(tl.int64), pid_bh % Hkv       # int64: b * stride_kb passes 2**31 in long caches
     n_splits = tl.num_programs(1)
@@ -112,14 +116,16 @@ def sparse_decode_attention_kernel(Q, K, V, IDX, O_PART, LSE_PART,
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
     start = split * chunks_per_split
     end = tl.minimum(start + chunks_per_split, M)
+    ids = IDX + b * stride_ib + hk * stride_ih
+    ks, vs = K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh
     for c0 in range(start, end, BLOCK_C):
         s_ok = c0 + slot < end
-        cid = tl.load(IDX + b * stride_ib + hk * stride_ih + c0 + slot, mask=s_ok, other=-1)
+        cid = tl.load(ids + c0 + slot, mask=s_ok, other=-1)
         tok = cid.to(tl.int64) * CHUNK + within             # rows of the full cache, read in place (int64 offsets)
         k_ok = s_ok & (cid >= 0) & (tok < N)
         kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + b * stride_kb + hk * stride_kh + tok[:, None] * stride_kt + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + b * stride_vb + hk * stride_vh + tok[:, None] * stride_vt + d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(ks + tok[:, None] * stride_kt + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(vs + tok[:, None] * stride_vt + d[None, :], mask=kv_mask, other=0.0)
         if DOT_FP32:
             s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
@@ -141,9 +147,38 @@ def sparse_decode_attention_kernel(Q, K, V, IDX, O_PART, LSE_PART,
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
-    base = (pid_bh * n_splits + split) * R
-    tl.store(O_PART + (base + rows[:, None]) * D + d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(LSE_PART + base + rows, lse, mask=row_ok)
+    part_o = O_PART + ((pid_bh * n_splits + split) * R + rows[:, None]) * D + d[None, :]
+    part_lse = LSE_PART + (pid_bh * n_splits + split) * R + rows
+    if not MERGE:
+        tl.store(part_o, out, mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(part_lse, lse, mask=row_ok)
+    elif n_splits == 1:  # one split: its output is the answer
+        tl.store(OUT + b * stride_ob + head[:, None] * stride_oh + qi[:, None] * stride_ot + d[None, :],
+                 out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        tl.store(part_o, out, mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(part_lse, lse, mask=row_ok)
+        # the last split of this kv head to finish merges them all (step 3 in the same launch): every thread's
+        # stores are done (barrier) before one atomic, with release-acquire order, counts this split in
+        tl.debug_barrier()
+        done = tl.atomic_add(LOCK + pid_bh, 1, sem="acq_rel", scope="gpu")
+        if done == n_splits - 1:
+            tl.debug_barrier()
+            sp = tl.arange(0, BLOCK_S)
+            sp_ok = sp < n_splits
+            for r in range(0, R):                           # row by row: (splits, D) tiles
+                lse_r = tl.load(LSE_PART + (pid_bh * n_splits + sp) * R + r, mask=sp_ok, other=float("-inf"),
+                                cache_modifier=".cg")
+                m = tl.max(lse_r, 0)
+                w = tl.exp(lse_r - tl.where(m == float("-inf"), 0.0, m))
+                o = tl.load(O_PART + ((pid_bh * n_splits + sp[:, None]) * R + r) * D + d[None, :],
+                            mask=sp_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
+                total = tl.sum(w, 0)
+                merged = tl.sum(w[:, None] * o, 0) / tl.where(total > 0, total, 1.0)
+                h_r, q_r = hk * (R // NQ) + r // NQ, r % NQ
+                tl.store(OUT + b * stride_ob + h_r * stride_oh + q_r * stride_ot + d, merged.to(OUT.dtype.element_ty),
+                         mask=d_ok)
+            tl.atomic_xchg(LOCK + pid_bh, 0)                # reset the counter for the next call
 
 # %% ../../nbs/21a_sparse_decode_attention.ipynb #cell-023
 @triton.jit(do_not_specialize=["stride_ob", "stride_oh", "stride_ot", "NQ", "R", "n_splits"])
@@ -177,6 +212,28 @@ def _smem_bytes(block_r: int, block_d: int, rows: int, elt: int) -> int:
     "Shared memory the kernel's tiles take: the queries (fp32), one step's keys and values, and the scores."
     return 4 * block_r * block_d + 2 * elt * rows * block_d + 4 * block_r * rows
 
+# launch choices, timed on an H200 (see "On a GPU"): key rows a program reads per step, warps, pipeline stages,
+# programs per SM the splits aim for (one wave), the most splits, and the most query rows per kv head whose merge
+# runs in the same launch (more rows: the separate merge kernel, one program per row)
+TUNING = dict(block_tokens=64, num_warps=4, num_stages=2, programs_per_sm=4, max_splits=64, merge_rows=8)
+
+@functools.lru_cache(maxsize=None)
+def _gpu_limits(index: int) -> tuple[int, int]:
+    "(SM count, shared memory per program) of CUDA device `index`, asked once: the query costs microseconds a call."
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count, getattr(props, "shared_memory_per_block_optin", SMEM_BYTES)
+
+_COUNTERS = {}
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 counters, one per (batch row, kv head), for the in-launch merge: the last split to finish
+    resets its counter, so one buffer per (device, stream) serves every call (calls on one stream run in order)."""
+    key = (device, torch.cuda.current_stream(device).cuda_stream) if device.type == "cuda" else (device, 0)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _COUNTERS[key] = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
+    return buf
+
 
 def sparse_decode_attention(q, k, v, chunk_idx, chunk_size=8, scale=None, num_splits=None, use_triton=None,
                             check_distinct=True):
@@ -188,7 +245,7 @@ def sparse_decode_attention(q, k, v, chunk_idx, chunk_size=8, scale=None, num_sp
     NQ tokens: query i sees selected tokens at positions <= N - NQ + i. scale defaults to D**-0.5.
     Returns [B, H, NQ, D] in q's dtype (rows that see no key are 0). `use_triton`: None = Triton on CUDA
     tensors and the reference elsewhere; True also runs Triton on CPU tensors under TRITON_INTERPRET=1.
-    `num_splits`: the split-KV factor (default: enough programs to fill the GPU). `check_distinct`: refuse a chunk
+    `num_splits`: the split-KV factor (default: one wave of programs over the GPU). `check_distinct`: refuse a chunk
     named twice (it would count twice); callers whose ids are distinct by construction may skip the check, which
     waits for the GPU. On a GPU, a shape whose tiles cannot fit in shared memory is refused before compiling."""
     B, H, Hkv, NQ, N, D, M = _check(q, k, v, chunk_idx, chunk_size, scale, num_splits)
@@ -206,11 +263,12 @@ def sparse_decode_attention(q, k, v, chunk_idx, chunk_size=8, scale=None, num_sp
         return sparse_decode_attention_ref(q, k, v, chunk_idx, chunk_size, scale, num_splits)
     R = (H // Hkv) * NQ
     scale = D ** -0.5 if scale is None else float(scale)
-    BLOCK_C = max(1, (64 if q.is_cuda else 16) // chunk_size)   # chunks per step (>= 16 rows for tl.dot)
+    BLOCK_C = max(1, (TUNING["block_tokens"] if q.is_cuda else 16) // chunk_size)   # chunks per step (>= 16 rows for tl.dot)
     BLOCK_R, BLOCK_D = max(16, triton.next_power_of_2(R)), max(16, triton.next_power_of_2(D))
     dot_fp32 = q.dtype == torch.float32 or not q.is_cuda
+    sms = 1
     if q.is_cuda:  # fewer chunks per step until the tiles fit; if even the fewest do not, say so before compiling
-        limit = getattr(torch.cuda.get_device_properties(q.device), "shared_memory_per_block_optin", SMEM_BYTES)
+        sms, limit = _gpu_limits(q.device.index if q.device.index is not None else torch.cuda.current_device())
         elt = 4 if dot_fp32 else q.element_size()
         while BLOCK_C > max(1, 16 // chunk_size) and _smem_bytes(BLOCK_R, BLOCK_D, BLOCK_C * chunk_size, elt) > limit:
             BLOCK_C //= 2
@@ -219,23 +277,30 @@ def sparse_decode_attention(q, k, v, chunk_idx, chunk_size=8, scale=None, num_sp
             raise ValueError(f"sparse_decode_attention: {R} query rows per kv head (heads per kv head x NQ), head dim {D} "
                              f"and chunk_size {chunk_size} in {q.dtype} need about {need} bytes of shared memory; this GPU "
                              f"has {limit}: use fewer rows, a smaller chunk_size or head dim")
-    if num_splits is None:                                      # about two programs per SM
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
-        num_splits = max(1, min(triton.cdiv(M, BLOCK_C), triton.cdiv(2 * sms, B * Hkv)))
+    if num_splits is None:  # one wave: programs_per_sm programs on every SM, at most max_splits per kv head
+        num_splits = max(1, min(triton.cdiv(M, BLOCK_C), TUNING["max_splits"],
+                                TUNING["programs_per_sm"] * sms // (B * Hkv)))
     chunks_per_split = triton.cdiv(triton.cdiv(max(M, 1), num_splits), BLOCK_C) * BLOCK_C
     num_splits = triton.cdiv(max(M, 1), chunks_per_split)
-    idx = chunk_idx.to(torch.int32).contiguous()
-    o_part = torch.empty(B * Hkv * num_splits * R * D, device=q.device, dtype=torch.float32)
-    lse_part = torch.empty(B * Hkv * num_splits * R, device=q.device, dtype=torch.float32)
+    BLOCK_S = max(2, triton.next_power_of_2(num_splits))
+    # merge in the same launch (one split: no merge at all) unless the rows are many or the splits' tile is large
+    merge = num_splits == 1 or (R <= TUNING["merge_rows"] and BLOCK_S * BLOCK_D <= 8192)
+    idx = chunk_idx if chunk_idx.dtype == torch.int32 and chunk_idx.stride(-1) == 1 else chunk_idx.to(torch.int32).contiguous()
     out = torch.empty(B, H, NQ, D, device=q.device, dtype=q.dtype)
+    n_part = 1 if num_splits == 1 else B * Hkv * num_splits * R     # (one element: no empty pointer)
+    o_part = torch.empty(n_part * D, device=q.device, dtype=torch.float32)
+    lse_part = torch.empty(n_part, device=q.device, dtype=torch.float32)
     sparse_decode_attention_kernel[(B * Hkv, num_splits)](
         q, k, v, idx, o_part, lse_part,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), idx.stride(0), idx.stride(1),
         Hkv, N, M, NQ, R, scale, chunks_per_split,
-        D=D, CHUNK=chunk_size, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
-        DOT_FP32=dot_fp32, num_warps=4)
-    combine_splits_kernel[(B * Hkv * R,)](
-        o_part, lse_part, out, out.stride(0), out.stride(1), out.stride(2), Hkv, NQ, R, num_splits,
-        D=D, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=BLOCK_D)
+        D=D, CHUNK=chunk_size, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, DOT_FP32=dot_fp32,
+        OUT=out, LOCK=_counters(q.device, B * Hkv) if merge else o_part, stride_ob=out.stride(0),
+        stride_oh=out.stride(1), stride_ot=out.stride(2), MERGE=merge, BLOCK_S=BLOCK_S,
+        num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"])
+    if not merge:
+        combine_splits_kernel[(B * Hkv * R,)](
+            o_part, lse_part, out, out.stride(0), out.stride(1), out.stride(2), Hkv, NQ, R, num_splits,
+            D=D, BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D)
     return out

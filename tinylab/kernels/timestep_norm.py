@@ -5,6 +5,8 @@
 # %% ../../nbs/11b_timestep_norm.ipynb #cell-004
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -12,7 +14,8 @@ import triton.language as tl
 from .cema import _check_sequence  # the input check both Megalodon kernels share
 
 # %% auto #0
-__all__ = ['timestep_norm_ref', 'timestep_norm_fwd_kernel', 'TimestepNormFunction', 'timestep_norm']
+__all__ = ['TUNING', 'timestep_norm_ref', 'timestep_norm_stats_kernel', 'timestep_norm_fwd_kernel', 'TimestepNormFunction',
+           'timestep_norm']
 
 # %% ../../nbs/11b_timestep_norm.ipynb #cell-009
 def timestep_norm_ref(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor,
@@ -60,9 +63,41 @@ def _welford_combine(n1, m1, v1, n2, m2, v2):
 
 # %% ../../nbs/11b_timestep_norm.ipynb #cell-017
 @triton.jit
+def timestep_norm_stats_kernel(X, SEG_N, SEG_M, SEG_V, T, D, G, K, seg_len,
+                               ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    # one program: batch row b, group g, segment s of seg_len steps -> that segment's own (count, mean, variance)
+    b, g, s = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    rt = tl.arange(0, BLOCK_T)
+    rk = tl.arange(0, BLOCK_K)
+    kmask = rk < K
+    cols = g * K + rk
+    n_c = tl.zeros([], ACC)
+    m_c = tl.zeros([], ACC)
+    v_c = tl.zeros([], ACC)
+    t0 = s * seg_len
+    for c in range(t0, tl.minimum(t0 + seg_len, T), BLOCK_T):
+        t = c + rt
+        tmask = t < T
+        mask = tmask[:, None] & kmask[None, :]
+        x = tl.load(X + (b * T + t[:, None]) * D + cols[None, :], mask=mask, other=0.).to(ACC)
+        # the tile's summary (its steps, their mean and variance over all K features), merged into the segment's
+        n_t = tl.sum(tmask.to(ACC), axis=0)
+        m_t = tl.sum(tl.sum(x, axis=1), axis=0) / (n_t * K)
+        d_t = tl.where(mask, x - m_t, 0.)
+        v_t = tl.sum(tl.sum(d_t * d_t, axis=1), axis=0) / (n_t * K)
+        n_c, m_c, v_c = _welford_combine(n_c, m_c, v_c, n_t, m_t, v_t)
+    i = (b * G + g) * tl.num_programs(2) + s
+    tl.store(SEG_N + i, n_c)
+    tl.store(SEG_M + i, m_c)
+    tl.store(SEG_V + i, v_c)
+
+
+@triton.jit
 def timestep_norm_fwd_kernel(X, W, Bias, C0, M0, V0, Y, MEAN, VAR, CUM_MEAN, CUM_RSTD, T, D, G, K, eps,
-                             ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
-    b, g = tl.program_id(0).to(tl.int64), tl.program_id(1)          # int64: (b * T + t) * D passes 2**31
+                             ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+                             SEG_N=None, SEG_M=None, SEG_V=None, seg_len=0, BLOCK_S: tl.constexpr = 0):
+    # one program: batch row b, group g, and (with BLOCK_S > 0) segment s of seg_len steps; else the whole sequence
+    b, g, s = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)   # int64: (b * T + t) * D passes 2**31
     rt = tl.arange(0, BLOCK_T)
     rk = tl.arange(0, BLOCK_K)
     kmask = rk < K
@@ -73,9 +108,23 @@ def timestep_norm_fwd_kernel(X, W, Bias, C0, M0, V0, Y, MEAN, VAR, CUM_MEAN, CUM
     n_c = tl.load(C0 + b).to(ACC)
     m_c = tl.load(M0 + b * G + g).to(ACC)
     v_c = tl.load(V0 + b * G + g).to(ACC)
-    for c in range(0, tl.cdiv(T, BLOCK_T)):
-        t = c * BLOCK_T + rt
-        tmask = t < T
+    t_start, t_end = 0, T
+    if BLOCK_S > 0:
+        # ... then the summaries of the segments before this one, merged (the merge is associative)
+        n_seg = tl.num_programs(2)
+        j = tl.arange(0, BLOCK_S)
+        before = j < s
+        i = (b * G + g) * n_seg + j
+        n_j = tl.load(SEG_N + i, mask=before, other=0.)
+        m_j = tl.load(SEG_M + i, mask=before, other=0.)
+        v_j = tl.load(SEG_V + i, mask=before, other=0.)
+        n_p, m_p, v_p = tl.reduce((n_j, m_j, v_j), 0, _welford_combine)
+        n_c, m_c, v_c = _welford_combine(n_c, m_c, v_c, n_p, m_p, v_p)
+        t_start = s * seg_len
+        t_end = tl.minimum(t_start + seg_len, T)
+    for c in range(t_start, t_end, BLOCK_T):
+        t = c + rt
+        tmask = t < t_end
         mask = tmask[:, None] & kmask[None, :]
         offs = (b * T + t[:, None]) * D + cols[None, :]
         x = tl.load(X + offs, mask=mask, other=0.).to(ACC)                   # (BLOCK_T, BLOCK_K)
@@ -97,8 +146,9 @@ def timestep_norm_fwd_kernel(X, W, Bias, C0, M0, V0, Y, MEAN, VAR, CUM_MEAN, CUM
         n_c = tl.sum(tl.where(last, n, 0.), axis=0)
         m_c = tl.sum(tl.where(last, m, 0.), axis=0)
         v_c = tl.sum(tl.where(last, v, 0.), axis=0)
-    tl.store(MEAN + b * G + g, m_c)
-    tl.store(VAR + b * G + g, v_c)
+    if t_end == T:  # the program that ends the sequence writes the final state
+        tl.store(MEAN + b * G + g, m_c)
+        tl.store(VAR + b * G + g, v_c)
 
 # %% ../../nbs/11b_timestep_norm.ipynb #cell-021
 def _timestep_norm_backward(dy, dmean_T, dvar_T, x, weight, c0, m0, cum_mean, cum_rstd, G):
@@ -132,26 +182,56 @@ def _timestep_norm_backward(dy, dmean_T, dvar_T, x, weight, c0, m0, cum_mean, cu
     return dx.reshape(B, T, D), dw, db, dm0, dv0
 
 # %% ../../nbs/11b_timestep_norm.ipynb #cell-023
+# launch choices, timed on an H200 (see "Speed"): steps per tile, and programs per SM the time segments aim for
+TUNING = dict(block_t=32, programs_per_sm=16, min_segment_tiles=4)
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    "Streaming multiprocessors of a CUDA device, asked once (the query takes hundreds of microseconds on the H200 host)."
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+def _segments(B: int, T: int, G: int, BT: int, device: torch.device) -> tuple[int, int]:
+    """(number of time segments, steps per segment): enough (batch row, group, segment) programs to fill the GPU,
+    each segment at least `min_segment_tiles` tiles long; in the interpreter at most 4 segments of 2 tiles."""
+    tiles = triton.cdiv(T, BT)
+    if device.type == "cuda":
+        sms = _sm_count(device)
+        n = min(triton.cdiv(TUNING["programs_per_sm"] * sms, B * G), triton.cdiv(tiles, TUNING["min_segment_tiles"]))
+    else:
+        n = min(4, triton.cdiv(tiles, 2))
+    seg_len = triton.cdiv(tiles, max(n, 1)) * BT
+    return triton.cdiv(T, seg_len), seg_len
+
+
 class TimestepNormFunction(torch.autograd.Function):
-    "Timestep norm: the Triton Welford scan forward, the analytic backward above."
+    "Timestep norm: the Triton Welford scan forward (split into time segments), the analytic backward above."
     @staticmethod
     def forward(ctx, x, weight, bias, prev_count, prev_mean, prev_var, num_groups, eps):
         B, T, D = x.shape
         G, K = num_groups, D // num_groups
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc_tl = tl.float64 if acc == torch.float64 else tl.float32
         y = torch.empty_like(x)
         mean = torch.empty(B, G, dtype=acc, device=x.device)
         var = torch.empty(B, G, dtype=acc, device=x.device)
         cum_mean = torch.empty(B, T, G, dtype=acc, device=x.device)
         cum_rstd = torch.empty(B, T, G, dtype=acc, device=x.device)
         if x.is_cuda:
-            BT = 16 if K <= 256 else 4
+            BT = TUNING["block_t"] if K <= 256 else 4
         else:
             BT = min(8, triton.next_power_of_2(max(T, 1)))
-        timestep_norm_fwd_kernel[(B, G)](
+        BK = triton.next_power_of_2(K)
+        S, seg_len = _segments(B, T, G, BT, x.device)
+        # pass 1: each (batch row, group, segment)'s own summary; pass 2: merge the ones before, then the scan
+        seg = torch.empty(3, B, G, S, dtype=acc, device=x.device)
+        if S > 1:
+            timestep_norm_stats_kernel[(B, G, S)](x, seg[0], seg[1], seg[2], T, D, G, K, seg_len,
+                                                  ACC=acc_tl, BLOCK_T=BT, BLOCK_K=BK)
+        timestep_norm_fwd_kernel[(B, G, S)](
             x, weight.contiguous(), bias.contiguous(), prev_count.contiguous(), prev_mean.to(acc).contiguous(),
             prev_var.to(acc).contiguous(), y, mean, var, cum_mean, cum_rstd, T, D, G, K, eps,
-            ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK_T=BT, BLOCK_K=triton.next_power_of_2(K))
+            ACC=acc_tl, BLOCK_T=BT, BLOCK_K=BK, SEG_N=seg[0], SEG_M=seg[1], SEG_V=seg[2], seg_len=seg_len,
+            BLOCK_S=triton.next_power_of_2(S) if S > 1 else 0)
         ctx.save_for_backward(x, weight, prev_count, prev_mean, cum_mean, cum_rstd)
         ctx.num_groups = G
         return y, prev_count + T, mean, var
