@@ -4,18 +4,14 @@ with per-sequence losses and per-item cloze scores, and the small models' token 
 reference's; the script's preset is the chapter's."""
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import nbformat
 import pytest
+from script_runs import SCRIPT_ENV, run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "train_inheritune.py"
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-       "TINYLAB_FAKE_DATASETS": "1", "TINYLAB_COMMIT": "abc123"}
 
 
 @pytest.fixture(scope="module")
@@ -23,14 +19,8 @@ def record(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("inheritune")
     out, corpus = tmp / "inheritune_smoke.json", tmp / "corpus.json.gz"
     # the corpus file is made here, with `datasets` (as before a GPU run); the run itself goes without it
-    env = {k: v for k, v in ENV.items() if k != "TINYLAB_FAKE_DATASETS"}
-    res = subprocess.run([sys.executable, str(SCRIPT), "--prepare", "--corpus", str(corpus)],
-                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    res = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--archs", "llama,gpt2", "--corpus", str(corpus),
-                          "--out", str(out)], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "datasets stand-in" in res.stdout
+    run_script(SCRIPT, "--prepare", "--corpus", corpus, env={k: v for k, v in SCRIPT_ENV.items() if k != "TINYLAB_FAKE_DATASETS"})
+    assert "datasets stand-in" in run_script(SCRIPT, "--smoke", "--archs", "llama,gpt2", "--corpus", corpus, "--out", out)
     assert out.stat().st_size < 16 * 2**20
     return json.loads(out.read_text())
 
@@ -81,9 +71,7 @@ def test_merge_side_by_side_runs(record, tmp_path):
         parts.append(tmp_path / f"{arch}.json")
         parts[-1].write_text(json.dumps(part))
     out = tmp_path / "merged.json"
-    res = subprocess.run([sys.executable, str(SCRIPT), "--merge", *map(str, parts), str(tmp_path / "missing.json"),
-                          "--out", str(out)], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run_script(SCRIPT, "--merge", *parts, tmp_path / "missing.json", "--out", out, timeout=120)
     merged = json.loads(out.read_text())
     assert merged["runs"] == record["runs"] and len(merged["parts"]) == 2
     assert merged["device"] == record["device"] and merged["commit"] == "abc123"

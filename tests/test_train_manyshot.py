@@ -3,29 +3,23 @@
 the nested shot sets for every task, instance and seed, the baselines at every K and N, addition and fine-tuning;
 and the script's preset is the chapter's."""
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import nbformat
 import pytest
 
+from script_runs import run_script
 from tinylab.manyshot import shot_counts, unpack_frame
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "train_manyshot.py"
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-       "TINYLAB_FAKE_DATASETS": "1", "TINYLAB_COMMIT": "abc123"}
 
 
 @pytest.fixture(scope="module")
 def record(tmp_path_factory):
     out = tmp_path_factory.mktemp("manyshot") / "manyshot_smoke.json"
-    res = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out)], capture_output=True, text=True,
-                         env=ENV, cwd=ROOT, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "datasets stand-in" in res.stdout
+    assert "datasets stand-in" in run_script(SCRIPT, "--smoke", "--out", out)
     assert out.stat().st_size < 16 * 2**20
     return json.loads(out.read_text())
 
@@ -97,10 +91,7 @@ def test_calls_checkpoint_and_resume(tmp_path):
     the next, the last resumes and evaluates; each call is numbered from its checkpoint (so it draws new task data)."""
     ckpts = [tmp_path / "ckpt" / f"manyshot_ckpt{i}.safetensors" for i in (1, 2)]
     def call(*args):
-        res = subprocess.run([sys.executable, str(SCRIPT), "--smoke", *map(str, args)], capture_output=True, text=True,
-                             env=ENV, cwd=ROOT, timeout=300)
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-        return res.stdout
+        return run_script(SCRIPT, "--smoke", *args)
     call("--steps", 4, "--ckpt-out", ckpts[0], "--out", tmp_path / "call1.json")
     assert ckpts[0].stat().st_size < 16 * 2**20
     part = json.loads((tmp_path / "call1.json").read_text())

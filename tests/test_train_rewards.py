@@ -3,27 +3,20 @@ whole source x target matrix, RL for every pair, the two ablations) on its CPU -
 package (as on the GPU image): the JSON has provenance, per-phase times, RM held-out accuracies, the per-prompt win
 rates the chapter bootstraps over, the ablations and RL for every pair; and its policy is the chapter's `book` policy."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import nbformat
 import pytest
+from script_runs import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "train_rewards.py"
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-       "TINYLAB_FAKE_DATASETS": "1", "TINYLAB_COMMIT": "abc123"}
 
 
 @pytest.fixture(scope="module")
 def record(tmp_path_factory):
     out = tmp_path_factory.mktemp("rewards") / "rewards_train_smoke.json"
-    res = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--threads", "1", "--out", str(out)],
-                         capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "datasets stand-in" in res.stdout
+    assert "datasets stand-in" in run_script(SCRIPT, "--smoke", "--threads", 1, "--out", out)
     assert out.stat().st_size < 16 * 2**20
     return json.loads(out.read_text())
 
@@ -67,10 +60,7 @@ def test_two_parts_merge(record, tmp_path):
     main = {k: v for k, v in record.items() if not (k.startswith("na_") or k == "ablation_no_anchors")}
     na = {k: v for k, v in record.items() if k.startswith("na_") or k in ("ablation_no_anchors", "phases", "complete")}
     (tmp_path / "main.json").write_text(json.dumps(main)); (tmp_path / "na.json").write_text(json.dumps(na))
-    res = subprocess.run([sys.executable, str(SCRIPT), "--merge", str(tmp_path / "main.json"), str(tmp_path / "na.json"),
-                          "--out", str(tmp_path / "merged.json")], capture_output=True, text=True, env=ENV, cwd=ROOT,
-                         timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run_script(SCRIPT, "--merge", tmp_path / "main.json", tmp_path / "na.json", "--out", tmp_path / "merged.json")
     merged = json.loads((tmp_path / "merged.json").read_text())
     assert merged["ablation_no_anchors"] == record["ablation_no_anchors"] and merged["win_matrix"] == record["win_matrix"]
     assert merged["phases_no_anchors"] == record["phases"] and merged["complete_no_anchors"]
