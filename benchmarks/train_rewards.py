@@ -217,8 +217,9 @@ def merge(parts, out_path):
     if main_rec is None:
         raise SystemExit(f"merge: the main part {parts[0]} is missing")
     rec = dict(main_rec)
-    rec["parts"] = "two processes at once on one GPU: 'main' (shared world: RMs, best-of-n, RL, no-shared-pretraining " \
-                   "ablation if time was left) and 'no_anchors' (the second world)"
+    rec["parts"] = "two processes side by side (`device` and `no_anchors_run.device` name their GPUs): 'main' (shared " \
+                   "world: RMs, best-of-n, RL, no-shared-pretraining ablation if time was left) and 'no_anchors' (the " \
+                   "second world)"
     rec["phases_main"] = main_rec.get("phases")
     if na is not None:
         for k, v in na.items():
@@ -408,7 +409,10 @@ def main(argv=None):
         per_step = (time.perf_counter() - tp) / probe_steps
         del probe_pol
         eval_cost = 3.0 if device.type == "cuda" else 0.5   # seconds to sample and judge one pair's evaluation (estimate)
-        reserve = 0.0 if args.part == "main" else 0.4 * args.budget_s   # "all": leave time for the second world
+        # leave time for the no-shared-pretraining ablation after RL (an RM base on L0 alone and one RM), and in
+        # "all" for the second world
+        mono_need = phases["rm_base"] + (per_rm or 0) + 15
+        reserve = mono_need + (0.0 if args.part == "main" else 0.4 * args.budget_s)
         steps = int(min(cfg["rl_steps"], max(0, (left() - 10 - reserve) / len(pairs_rl) - eval_cost) / per_step))
         out["rl_steps_run"], out["rl_step_seconds_probe"] = steps, per_step
         log(f"RL: {per_step * 1000:.0f} ms per step (probe); {steps} steps per pair for {len(pairs_rl)} pairs "
@@ -438,8 +442,7 @@ def main(argv=None):
 
         # ---- ablation: no shared pretraining (L0's pairs, an RM on a base of the same size pretrained on L0 alone),
         # when time is left (the chapter's CPU run has it too) ----
-        need = phases["rm_base"] / max(1, len(langs)) + (per_rm or 0) + 15
-        if left() > need and pivot in pair_data:
+        if left() > mono_need and pivot in pair_data:
             mono_base, out["rm_base_mono"] = make_rm_base(W, [langs[0]], "L0 only")
             mono_rm, out["rm_mono"] = train_rm(mono_base, pair_data[pivot][0], tok, pair_data[pivot][1],
                                                steps=cfg["rm_steps"], batch=cfg["rm_batch"], lr=cfg["rm_lr"],
@@ -451,7 +454,7 @@ def main(argv=None):
             log("no shared pretraining: L0 RM win rate by target %s" % {t: round(float(np.mean(v)), 3)
                                                                       for t, v in out["ablation_mono"].items()})
         else:
-            log(f"no time for the no-shared-pretraining ablation ({left():.0f} s left, needs about {need:.0f} s)")
+            log(f"no time for the no-shared-pretraining ablation ({left():.0f} s left, needs about {mono_need:.0f} s)")
         phase("ablation_mono", final=args.part == "main")
         del W, rms, evals
 
