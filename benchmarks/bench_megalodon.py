@@ -28,6 +28,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
+from tinylab.core import cuda_graph_ms
 from tinylab.kernels.cema import cema, cema_fft, cema_ref
 from tinylab.kernels.timestep_norm import timestep_norm, timestep_norm_ref
 
@@ -133,6 +134,15 @@ def official_cema(ops, x_bdl, p, q, g):
     return y
 
 
+def graph_ms(fn):
+    "GPU ms of one call from a CUDA graph (None if `fn` cannot be captured: the table then shows the call time only)."
+    try:
+        return cuda_graph_ms(fn)
+    except Exception as e:  # noqa: BLE001
+        print(f"not capturable: {type(e).__name__}: {str(e)[:120]}")
+        return None
+
+
 def main():
     global B, D, N, G, do_bench
     ap = argparse.ArgumentParser()
@@ -155,7 +165,10 @@ def main():
               "triton": triton.__version__, "cuda": torch.version.cuda,
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": os.environ.get("TINYLAB_COMMIT"),
               "args": vars(args), "dtype": "float32 (and bfloat16 x for cema_triton_bf16_ms)",
-              "timing": "triton.testing.do_bench, mean ms (L2 flushed before each call)",
+              "timing": "triton.testing.do_bench, mean ms (L2 flushed before each call), a call as a user makes it; "
+                        "*_graph_ms: GPU time of one call replayed from a CUDA graph of 20 (tinylab.core.cuda_graph_ms), "
+                        "no launch cost; tsn_triton_ms is the training forward (keeps what the backward needs), "
+                        "tsn_triton_nograd_ms inference",
               "tuning": {"cema": getattr(cema_mod, "TUNING", None), "timestep_norm": getattr(tsn_mod, "TUNING", None)},
               "shape": {"B": B, "D": D, "N": N, "groups": G}, "rows": [], "phase_s": {}}
     record["gates"] = gates(log, dev, *((19, 6) if args.smoke else (1000, 130)))
@@ -172,6 +185,7 @@ def main():
     record["phase_s"]["official_build"] = round(time.time() - t0, 1)
     p, q, g = params(D, N, device=dev)
     w, bias = torch.ones(D, device=dev), torch.zeros(D, device=dev)
+    w_grad = w.clone().requires_grad_()
     t0 = time.time()
     for T in args.lengths:
         if time.time() - t_start > args.budget_s:
@@ -188,6 +202,8 @@ def main():
         try:
             if ok_cema:
                 row["cema_triton_ms"] = do_bench(lambda: cema(x, p, q, g, backend="triton"), warmup=10, rep=100)
+                if dev == "cuda":
+                    row["cema_triton_graph_ms"] = graph_ms(lambda: cema(x, p, q, g, backend="triton"))
                 xb = x.bfloat16()
                 row["cema_triton_bf16_ms"] = do_bench(lambda: cema(xb, p, q, g, backend="triton"), warmup=10, rep=100)
                 row["floor_bf16_ms"] = floor_ms / 2
@@ -206,15 +222,21 @@ def main():
                 row["cema_official_relerr"] = err
                 if err < 1e-3:
                     row["cema_official_ms"] = do_bench(lambda: official_cema(ops, xt, p, q, g), warmup=10, rep=100)
+                    row["cema_official_graph_ms"] = graph_ms(lambda: official_cema(ops, xt, p, q, g))
         except Exception as e:  # noqa: BLE001
             row["cema_error"] = f"{type(e).__name__}: {str(e)[:200]}"
             traceback.print_exc()
         try:
             if ok_tsn:
-                row["tsn_triton_ms"] = do_bench(lambda: timestep_norm(x, G, w, bias, backend="triton"), warmup=10, rep=100)
-                with torch.no_grad():
-                    row["tsn_triton_nograd_ms"] = do_bench(lambda: timestep_norm(x, G, w, bias, backend="triton"),
-                                                           warmup=10, rep=100)
+                # training forward (keeps the cumulative statistics its backward needs, as the official forward
+                # does) and inference (no autograd: nothing kept)
+                train = lambda: timestep_norm(x, G, w_grad, bias, backend="triton")
+                infer = lambda: timestep_norm(x, G, w, bias, backend="triton")
+                row["tsn_triton_ms"] = do_bench(train, warmup=10, rep=100)
+                row["tsn_triton_nograd_ms"] = do_bench(infer, warmup=10, rep=100)
+                if dev == "cuda":
+                    row["tsn_triton_graph_ms"] = graph_ms(train)
+                    row["tsn_triton_nograd_graph_ms"] = graph_ms(infer)
             row["tsn_torch_ms"] = do_bench(lambda: timestep_norm_ref(x, G, w, bias), warmup=3, rep=50)
             if ops is not None:
                 c0 = torch.zeros(B, dtype=torch.int64, device=dev)
@@ -224,6 +246,7 @@ def main():
                 row["tsn_official_relerr"] = err
                 if err < 1e-3:
                     row["tsn_official_ms"] = do_bench(off, warmup=10, rep=100)
+                    row["tsn_official_graph_ms"] = graph_ms(off)
         except Exception as e:  # noqa: BLE001
             row["tsn_error"] = f"{type(e).__name__}: {str(e)[:200]}"
             traceback.print_exc()

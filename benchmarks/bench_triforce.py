@@ -9,8 +9,9 @@ GPU's copy bandwidth (the floor: time to read the KV bytes once), then times, at
   - SDPA on the full cache (what the verifying level reads),
   - the kernel on the full cache (all chunks),
   - SDPA on the selected chunks, gather copy included / excluded (the retrieval cache the usual way),
-  - the kernel on the selected chunks, read in place (TriForce's middle level).
-Imports only torch, triton, numpy, pandas and tinylab.kernels.*.
+  - the kernel on the selected chunks, read in place (TriForce's middle level);
+each also as GPU time replayed from a CUDA graph (`graph_ms`: no launch cost, as in a captured decoding loop).
+Imports only torch, triton, numpy, pandas, tinylab.kernels.* and tinylab.core (cuda_graph_ms).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from torch.nn.attention.bias import causal_lower_right
 import triton
 from triton.testing import do_bench
 
+from tinylab.core import cuda_graph_ms
 import tinylab.kernels.sparse_decode_attention as sda_module
 from tinylab.kernels.sparse_decode_attention import sparse_decode_attention, sparse_decode_attention_ref
 
@@ -36,6 +38,17 @@ USE_TRITON = None   # None: Triton on CUDA tensors; the smoke test forces it on 
 def kernel(q, k, v, idx, C):
     "The kernel as TriForce calls it: the ids are distinct by construction, so the check (a sort and a sync) is off."
     return sparse_decode_attention(q, k, v, idx, C, use_triton=USE_TRITON, check_distinct=False)
+
+
+def graph_ms(fn):
+    "GPU ms of one call from a CUDA graph; None on the CPU (smoke) or if `fn` cannot be captured."
+    if not torch.cuda.is_available():
+        return None
+    try:
+        return cuda_graph_ms(fn)
+    except Exception as e:  # noqa: BLE001
+        print(f"not capturable: {type(e).__name__}: {str(e)[:120]}")
+        return None
 
 
 def rel_err(a, b):
@@ -167,21 +180,29 @@ def main():
                 if NQ > 1:
                     fns["SDPA, full cache, dense boolean mask"] = (lambda: sdpa_dense_mask(q, k, v), full_bytes)
                 times = {name: do_bench(fn, warmup=25, rep=200) for name, (fn, _) in fns.items()}
+                graph = {name: graph_ms(fn) for name, (fn, _) in fns.items()}
                 for name, (fn, nbytes) in fns.items():
                     ms = times[name]
                     rows.append(dict(heads=H, kv_heads=Hkv, context=N, new_tokens=NQ, budget=args.budget, method=name,
                                      sdpa_backend=backend,
                                      ms=round(ms, 4), gbps=round(nbytes / ms / 1e6, 1), floor_ms=round(nbytes / bw / 1e6, 4),
                                      of_floor=round(nbytes / bw / 1e6 / ms, 3),
-                                     speedup_vs_sdpa_full=round(times["SDPA, full cache"] / ms, 2)))
-                    print(f"Hkv={Hkv:2d} N={N:6d} NQ={NQ} {name:42s} {ms:8.4f} ms  {nbytes / ms / 1e6:7.0f} GB/s")
+                                     speedup_vs_sdpa_full=round(times["SDPA, full cache"] / ms, 2),
+                                     graph_ms=graph[name] and round(graph[name], 4),
+                                     graph_of_floor=graph[name] and round(nbytes / bw / 1e6 / graph[name], 3),
+                                     graph_speedup_vs_sdpa_full=graph[name] and graph["SDPA, full cache"]
+                                     and round(graph["SDPA, full cache"] / graph[name], 2)))
+                    print(f"Hkv={Hkv:2d} N={N:6d} NQ={NQ} {name:42s} {ms:8.4f} ms  {nbytes / ms / 1e6:7.0f} GB/s  "
+                          f"graph {graph[name] or float('nan'):8.4f} ms")
                 del kbuf, vbuf, ks, vs
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
     record = dict(device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (smoke test)", torch=torch.__version__, triton=triton.__version__,
                   date=datetime.now(timezone.utc).isoformat(timespec="seconds"), copy_gbps=round(bw, 1), gate=errs,
                   dtype="bfloat16", head_dim=D, chunk_size=C, sdpa_mask="causal_lower_right",
-                  timing="triton.testing.do_bench, mean ms (L2 flushed before each call)", kernel_tuning=dict(sda_module.TUNING),
+                  timing="triton.testing.do_bench, mean ms (L2 flushed before each call), a call as a user makes it; "
+                         "graph_ms: GPU time of one call replayed from a CUDA graph of 20 (tinylab.core.cuda_graph_ms), no "
+                         "launch cost, as in a decoding loop captured in a graph", kernel_tuning=dict(sda_module.TUNING),
                   commit=os.environ.get("TINYLAB_COMMIT"), args=vars(args), rows=rows)
     with open(args.out, "w") as f:
         json.dump(record, f, indent=1)

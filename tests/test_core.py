@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from tinylab.core import (FAILS, HOLDS, INCONCLUSIVE, SCALES, THIS_RUN, ClaimTable, benchmark, decide, device_name,
-                          fit_exponent, get_device, paired_bootstrap, pick_scale, recorded, seed_everything, seed_interval)
+from tinylab.core import (FAILS, HOLDS, INCONCLUSIVE, SCALES, THIS_RUN, ClaimTable, benchmark, cuda_graph_ms, decide,
+                          device_name, fit_exponent, get_device, paired_bootstrap, pick_scale, recorded, seed_everything,
+                          seed_interval)
 
 
 def draws():
@@ -169,3 +170,14 @@ def test_fit_exponent():
     assert np.isinf(fit_exponent(x[:2], x[:2] ** 2).low)  # two points: no interval
     with pytest.raises(ValueError, match="positive"):
         fit_exponent(x, -x)
+
+
+def test_cuda_graph_ms_needs_a_gpu_and_sane_counts():
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="needs a CUDA device"):
+            cuda_graph_ms(lambda: None)
+        return
+    with pytest.raises(ValueError, match="calls and warmup"):
+        cuda_graph_ms(lambda: None, calls=0)
+    x = torch.zeros(1024, device="cuda")
+    assert cuda_graph_ms(lambda: x.add_(1), calls=4) > 0

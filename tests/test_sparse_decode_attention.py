@@ -70,14 +70,29 @@ def test_split_paths(poison_empty, B, H, Hkv, NQ, N, D, M, pad, splits, dtype):
         assert_close("out", ref, sparse_decode_attention(q, k, v, ids, num_splits=splits, use_triton=True), TOL[dtype])
 
 
-def test_in_launch_merge_leaves_its_counters_at_zero(poison_empty):
+@pytest.mark.parametrize("merge_rows", [1, 8], ids=["as-in-a-graph", "default"])
+def test_in_launch_merge_leaves_its_counters_at_zero(poison_empty, monkeypatch, merge_rows):
     "The last split of each kv head merges and resets its counter, so calls of other sizes reuse the buffer safely."
     from tinylab.kernels import sparse_decode_attention as mod
+    monkeypatch.setitem(mod.TUNING, "merge_rows", merge_rows)
     for B, Hkv, splits in ((1, 2, 3), (2, 4, 2), (1, 1, 4), (1, 2, 3)):
-        q, k, v, idx = make(B, 2 * Hkv, Hkv, 1, 70, 16, 8, torch.float32, seed=B + splits)
+        for H in (Hkv, 2 * Hkv):                   # one query row per kv head, and two (GQA)
+            q, k, v, idx = make(B, H, Hkv, 1, 70, 16, 8, torch.float32, seed=B + splits)
+            assert_close("out", sparse_decode_attention_ref(q, k, v, idx),
+                         sparse_decode_attention(q, k, v, idx, num_splits=splits, use_triton=True), 1e-4)
+    assert mod._SCRATCH and all(int(counters.abs().sum()) == 0 for counters, _ in mod._SCRATCH.values())
+
+
+def test_reused_partials_are_written_before_they_are_read():
+    "The splits' scratch is reused across calls and never cleared: fill it with NaN, and no NaN may reach the output."
+    from tinylab.kernels import sparse_decode_attention as mod
+    for B, Hkv, splits in ((1, 2, 3), (2, 1, 4)):
+        q, k, v, idx = make(B, 2 * Hkv, Hkv, 2, 70, 16, 8, torch.float32, seed=splits)
+        sparse_decode_attention(q, k, v, idx, num_splits=splits, use_triton=True)   # the scratch exists now
+        for _, floats in mod._SCRATCH.values():
+            floats.fill_(float("nan"))
         assert_close("out", sparse_decode_attention_ref(q, k, v, idx),
                      sparse_decode_attention(q, k, v, idx, num_splits=splits, use_triton=True), 1e-4)
-    assert mod._COUNTERS and all(int(buf.abs().sum()) == 0 for buf in mod._COUNTERS.values())
 
 
 @pytest.mark.parametrize("chunk", [4, 16])
@@ -212,3 +227,21 @@ def test_cache_past_int32_offsets():
     out = sparse_decode_attention(q, k, v, idx, 8)
     want = sparse_decode_attention_ref(q[2:], k[2:], v[2:], idx[2:], 8)
     torch.testing.assert_close(out[2:].float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_call_captured_in_a_cuda_graph_matches_the_eager_one():
+    "Inside a capture the wrapper merges several rows with the separate kernel; replayed, it gives the eager answer."
+    q, k, v, idx = (t.cuda() for t in make(1, 8, 2, 1, 300, 64, 30, torch.bfloat16, seed=3))
+    eager = sparse_decode_attention(q, k, v, idx)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        sparse_decode_attention(q, k, v, idx, check_distinct=False)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = sparse_decode_attention(q, k, v, idx, check_distinct=False)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close("out", eager.float(), out.float(), 1e-2)

@@ -52,6 +52,33 @@ def test_triton_backward(poison_empty, B, T, D, G):
         assert_close(f"d{name}", a, bb, 1e-3)
 
 
+@pytest.mark.parametrize("B,T,D,G", SHAPES[1:3])
+def test_triton_backward_without_prior(poison_empty, B, T, D, G):
+    "No prior: the kernel starts from 0 steps in-kernel and the backward gives no gradient for the absent prior."
+    x, w, b, *_ = make(B, T, D, G, prior=False)
+    ref = [t.clone().requires_grad_() for t in (x, w, b)]
+    tri = [t.clone().requires_grad_() for t in (x, w, b)]
+    o_ref = timestep_norm_ref(ref[0], G, ref[1], ref[2])
+    o_tri = timestep_norm(tri[0], G, tri[1], tri[2], backend="triton")
+    assert torch.equal(o_ref[1], o_tri[1])
+    cot = [torch.randn_like(o_ref[0]), torch.randn_like(o_ref[2]), torch.randn_like(o_ref[3])]
+    loss = lambda o: (o[0] * cot[0]).sum() + (o[2] * cot[1]).sum() + (o[3] * cot[2]).sum()
+    for name, a, bb in zip(["x", "weight", "bias"], torch.autograd.grad(loss(o_ref), ref),
+                           torch.autograd.grad(loss(o_tri), tri)):
+        assert_close(f"d{name}", a, bb, 1e-3)
+
+
+@pytest.mark.parametrize("given", ["prev_count", "prev_mean", "prev_var"])
+def test_partial_prior_takes_defaults_for_the_rest(poison_empty, given):
+    x, w, b, c0, m0, v0 = make(2, 19, 10, 2)
+    kw = {given: dict(prev_count=c0, prev_mean=m0, prev_var=v0)[given]}
+    ref = timestep_norm_ref(x, 2, w, b, **kw)
+    tri = timestep_norm(x, 2, w, b, backend="triton", **kw)
+    assert torch.equal(ref[1], tri[1])
+    for name, i in (("y", 0), ("mean", 2), ("var", 3)):
+        assert_close(name, ref[i], tri[i], TOL[torch.float32])
+
+
 def test_gradcheck_float64():
     x, w, b, c0, m0, v0 = make(1, 10, 4, 2)
     ins = [t.double().requires_grad_() for t in (x, w, b, m0, v0)]

@@ -23,8 +23,8 @@ import torch
 
 # %% auto #0
 __all__ = ['SCALES', 'HOLDS', 'FAILS', 'INCONCLUSIVE', 'OUTCOMES', 'THIS_RUN', 'LEVEL', 'N_BOOTSTRAP', 'seed_everything',
-           'get_device', 'device_name', 'pick_scale', 'benchmark', 'recorded', 'Claim', 'Check', 'ClaimTable',
-           'Interval', 'paired_bootstrap', 'seed_interval', 'fit_exponent', 'decide']
+           'get_device', 'device_name', 'pick_scale', 'benchmark', 'cuda_graph_ms', 'recorded', 'Claim', 'Check',
+           'ClaimTable', 'Interval', 'paired_bootstrap', 'seed_interval', 'fit_exponent', 'decide']
 
 # %% ../nbs/00_core.ipynb #cell-006
 def seed_everything(seed: int) -> torch.Generator:
@@ -133,6 +133,29 @@ def benchmark(fns: Mapping[str, Callable[[], Any]], baseline: str | None = None,
     df.attrs.update(device=device_name(dev), baseline=baseline, repeats=repeats, times=raw,
                     torch=torch.__version__, date=datetime.now(timezone.utc).strftime("%Y-%m-%d"))
     return df
+
+# %% ../nbs/00_core.ipynb #graphms-code
+def cuda_graph_ms(fn: Callable[[], Any], calls: int = 20, warmup: int = 3) -> float:
+    """GPU milliseconds of one call of `fn` with no launch cost: `calls` calls captured in one CUDA graph
+    (after `warmup` calls on a side stream, as capture needs), the graph replayed by `triton.testing.do_bench`
+    (median), divided by `calls`. `fn` must be capturable: no host synchronisation, no new allocations that
+    outlive the capture."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("cuda_graph_ms needs a CUDA device")
+    if calls < 1 or warmup < 1:
+        raise ValueError(f"calls and warmup must be >= 1, got calls={calls}, warmup={warmup}")
+    from triton.testing import do_bench
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return do_bench(graph.replay, warmup=3, rep=50, return_mode="median") / calls
 
 # %% ../nbs/00_core.ipynb #cell-021
 HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"

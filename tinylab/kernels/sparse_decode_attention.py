@@ -214,8 +214,10 @@ def _smem_bytes(block_r: int, block_d: int, rows: int, elt: int) -> int:
 
 # launch choices, timed on an H200 (see "On a GPU"): key rows a program reads per step, warps, pipeline stages,
 # programs per SM the splits aim for (one wave), the most splits, and the most query rows per kv head whose merge
-# runs in the same launch (more rows: the separate merge kernel, one program per row)
-TUNING = dict(block_tokens=64, num_warps=4, num_stages=2, programs_per_sm=4, max_splits=64, merge_rows=8)
+# runs in the same launch (more rows: the separate merge kernel, one program per row), called eagerly and while a
+# CUDA graph is captured (where a second launch costs nothing, and the separate merge is faster for several rows)
+TUNING = dict(block_tokens=64, num_warps=4, num_stages=2, programs_per_sm=4, max_splits=64, merge_rows=8,
+              graph_merge_rows=1)
 
 @functools.lru_cache(maxsize=None)
 def _gpu_limits(index: int) -> tuple[int, int]:
@@ -223,16 +225,21 @@ def _gpu_limits(index: int) -> tuple[int, int]:
     props = torch.cuda.get_device_properties(index)
     return props.multi_processor_count, getattr(props, "shared_memory_per_block_optin", SMEM_BYTES)
 
-_COUNTERS = {}
+_SCRATCH = {}
 
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 counters, one per (batch row, kv head), for the in-launch merge: the last split to finish
-    resets its counter, so one buffer per (device, stream) serves every call (calls on one stream run in order)."""
+def _scratch(device: torch.device, n_counters: int, n_floats: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Buffers one per (device, stream), reused by every call (calls on one stream run in order), so that a decoding
+    step allocates nothing but its output: zeroed int32 counters, one per (batch row, kv head), for the in-launch
+    merge (the last split to finish resets its own), and float32 room for the splits' partial outputs and
+    log-sum-exps (each written before it is read, so never cleared)."""
     key = (device, torch.cuda.current_stream(device).cuda_stream) if device.type == "cuda" else (device, 0)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = _COUNTERS[key] = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
-    return buf
+    counters, floats = _SCRATCH.get(key, (None, None))
+    if counters is None or counters.numel() < n_counters:
+        counters = torch.zeros(max(n_counters, 256), dtype=torch.int32, device=device)
+    if floats is None or floats.numel() < n_floats:
+        floats = torch.empty(max(n_floats, 1 << 16), dtype=torch.float32, device=device)
+    _SCRATCH[key] = (counters, floats)
+    return counters, floats
 
 
 def sparse_decode_attention(q, k, v, chunk_idx, chunk_size=8, scale=None, num_splits=None, use_triton=None,
@@ -284,19 +291,20 @@ def sparse_decode_attention(q, k, v, chunk_idx, chunk_size=8, scale=None, num_sp
     num_splits = triton.cdiv(max(M, 1), chunks_per_split)
     BLOCK_S = max(2, triton.next_power_of_2(num_splits))
     # merge in the same launch (one split: no merge at all) unless the rows are many or the splits' tile is large
-    merge = num_splits == 1 or (R <= TUNING["merge_rows"] and BLOCK_S * BLOCK_D <= 8192)
+    merge_rows = TUNING["graph_merge_rows" if q.is_cuda and torch.cuda.is_current_stream_capturing() else "merge_rows"]
+    merge = num_splits == 1 or (R <= merge_rows and BLOCK_S * BLOCK_D <= 8192)
     idx = chunk_idx if chunk_idx.dtype == torch.int32 and chunk_idx.stride(-1) == 1 else chunk_idx.to(torch.int32).contiguous()
     out = torch.empty(B, H, NQ, D, device=q.device, dtype=q.dtype)
     n_part = 1 if num_splits == 1 else B * Hkv * num_splits * R     # (one element: no empty pointer)
-    o_part = torch.empty(n_part * D, device=q.device, dtype=torch.float32)
-    lse_part = torch.empty(n_part, device=q.device, dtype=torch.float32)
+    counters, scratch = _scratch(q.device, B * Hkv, n_part * (D + 1))
+    o_part, lse_part = scratch[:n_part * D], scratch[n_part * D:n_part * (D + 1)]
     sparse_decode_attention_kernel[(B * Hkv, num_splits)](
         q, k, v, idx, o_part, lse_part,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), idx.stride(0), idx.stride(1),
         Hkv, N, M, NQ, R, scale, chunks_per_split,
         D=D, CHUNK=chunk_size, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, DOT_FP32=dot_fp32,
-        OUT=out, LOCK=_counters(q.device, B * Hkv) if merge else o_part, stride_ob=out.stride(0),
+        OUT=out, LOCK=counters if merge else o_part, stride_ob=out.stride(0),
         stride_oh=out.stride(1), stride_ot=out.stride(2), MERGE=merge, BLOCK_S=BLOCK_S,
         num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"])
     if not merge:

@@ -93,10 +93,13 @@ def timestep_norm_stats_kernel(X, SEG_N, SEG_M, SEG_V, T, D, G, K, seg_len,
 
 
 @triton.jit
-def timestep_norm_fwd_kernel(X, W, Bias, C0, M0, V0, Y, MEAN, VAR, CUM_MEAN, CUM_RSTD, T, D, G, K, eps,
+def timestep_norm_fwd_kernel(X, W, Bias, C0, M0, V0, Y, COUNT, MEAN, VAR, CUM_MEAN, CUM_RSTD, T, D, G, K, eps,
                              ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+                             HAS_PREV: tl.constexpr = True, SAVE: tl.constexpr = True,
                              SEG_N=None, SEG_M=None, SEG_V=None, seg_len=0, BLOCK_S: tl.constexpr = 0):
-    # one program: batch row b, group g, and (with BLOCK_S > 0) segment s of seg_len steps; else the whole sequence
+    # one program: batch row b, group g, and (with BLOCK_S > 0) segment s of seg_len steps; else the whole sequence.
+    # HAS_PREV: C0, M0, V0 hold the prior (else 0 steps, mean 0, variance 1); SAVE: write CUM_MEAN and CUM_RSTD for
+    # the backward (inference skips them)
     b, g, s = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)   # int64: (b * T + t) * D passes 2**31
     rt = tl.arange(0, BLOCK_T)
     rk = tl.arange(0, BLOCK_K)
@@ -105,9 +108,14 @@ def timestep_norm_fwd_kernel(X, W, Bias, C0, M0, V0, Y, MEAN, VAR, CUM_MEAN, CUM
     w = tl.load(W + cols, mask=kmask, other=0.).to(ACC)
     bias = tl.load(Bias + cols, mask=kmask, other=0.).to(ACC)
     # the carried state (count of steps, mean, variance), starting from the prior
-    n_c = tl.load(C0 + b).to(ACC)
-    m_c = tl.load(M0 + b * G + g).to(ACC)
-    v_c = tl.load(V0 + b * G + g).to(ACC)
+    if HAS_PREV:
+        n_c = tl.load(C0 + b).to(ACC)
+        m_c = tl.load(M0 + b * G + g).to(ACC)
+        v_c = tl.load(V0 + b * G + g).to(ACC)
+    else:
+        n_c = tl.zeros([], ACC)
+        m_c = tl.zeros([], ACC)
+        v_c = tl.full([], 1.0, ACC)
     t_start, t_end = 0, T
     if BLOCK_S > 0:
         # ... then the summaries of the segments before this one, merged (the merge is associative)
@@ -139,16 +147,22 @@ def timestep_norm_fwd_kernel(X, W, Bias, C0, M0, V0, Y, MEAN, VAR, CUM_MEAN, CUM
         rstd = 1. / tl.sqrt(v + eps)
         y = (x - m[:, None]) * rstd[:, None] * w[None, :] + bias[None, :]
         tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
-        tl.store(CUM_MEAN + (b * T + t) * G + g, m, mask=tmask)
-        tl.store(CUM_RSTD + (b * T + t) * G + g, rstd, mask=tmask)
+        if SAVE:
+            tl.store(CUM_MEAN + (b * T + t) * G + g, m, mask=tmask)
+            tl.store(CUM_RSTD + (b * T + t) * G + g, rstd, mask=tmask)
         # the last row (rows past the end repeat the last real step) is the new carry
         last = rt == BLOCK_T - 1
         n_c = tl.sum(tl.where(last, n, 0.), axis=0)
         m_c = tl.sum(tl.where(last, m, 0.), axis=0)
         v_c = tl.sum(tl.where(last, v, 0.), axis=0)
-    if t_end == T:  # the program that ends the sequence writes the final state
+    if t_end == T:  # the program that ends the sequence writes the final state (group 0: the count, prior + T)
         tl.store(MEAN + b * G + g, m_c)
         tl.store(VAR + b * G + g, v_c)
+        if g == 0:
+            count = tl.zeros([], tl.int64) + T
+            if HAS_PREV:
+                count += tl.load(C0 + b)
+            tl.store(COUNT + b, count)
 
 # %% ../../nbs/11b_timestep_norm.ipynb #cell-021
 def _timestep_norm_backward(dy, dmean_T, dvar_T, x, weight, c0, m0, cum_mean, cum_rstd, G):
@@ -203,47 +217,65 @@ def _segments(B: int, T: int, G: int, BT: int, device: torch.device) -> tuple[in
     return triton.cdiv(T, seg_len), seg_len
 
 
+def _timestep_norm_fwd(x, weight, bias, prev_count, prev_mean, prev_var, G: int, eps: float, save: bool):
+    """Launch the forward (inputs checked by `timestep_norm`; the prior all None or all given): y, count, mean, var and,
+    with `save`, the cumulative mean and 1/std per (step, group) the backward needs (else None)."""
+    B, T, D = x.shape
+    K = D // G
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = torch.empty_like(x)
+    count = torch.empty(B, dtype=torch.int64, device=x.device)
+    mean = torch.empty(B, G, dtype=acc, device=x.device)
+    var = torch.empty(B, G, dtype=acc, device=x.device)
+    cum_mean = torch.empty(B, T, G, dtype=acc, device=x.device) if save else mean   # (unused pointers when not saving)
+    cum_rstd = torch.empty(B, T, G, dtype=acc, device=x.device) if save else mean
+    has_prev = prev_count is not None
+    if x.is_cuda:
+        BT = TUNING["block_t"] if K <= 256 else 4
+    else:
+        BT = min(8, triton.next_power_of_2(max(T, 1)))
+    BK = triton.next_power_of_2(K)
+    S, seg_len = _segments(B, T, G, BT, x.device)
+    # pass 1 (several segments only): each (batch row, group, segment)'s own summary; pass 2: merge the ones
+    # before, then the scan
+    seg = torch.empty(3, B, G, S, dtype=acc, device=x.device) if S > 1 else (None, None, None)
+    acc_tl = tl.float64 if acc == torch.float64 else tl.float32
+    if S > 1:
+        timestep_norm_stats_kernel[(B, G, S)](x, seg[0], seg[1], seg[2], T, D, G, K, seg_len,
+                                              ACC=acc_tl, BLOCK_T=BT, BLOCK_K=BK)
+    prior = (prev_count, prev_mean, prev_var) if has_prev else (count, mean, var)   # (unused pointers without a prior)
+    timestep_norm_fwd_kernel[(B, G, S)](
+        x, weight, bias, *prior, y, count, mean, var, cum_mean, cum_rstd, T, D, G, K, eps,
+        ACC=acc_tl, BLOCK_T=BT, BLOCK_K=BK, HAS_PREV=has_prev, SAVE=save, SEG_N=seg[0], SEG_M=seg[1], SEG_V=seg[2],
+        seg_len=seg_len, BLOCK_S=triton.next_power_of_2(S) if S > 1 else 0)
+    return y, count, mean, var, (cum_mean, cum_rstd) if save else None
+
+
 class TimestepNormFunction(torch.autograd.Function):
     "Timestep norm: the Triton Welford scan forward (split into time segments), the analytic backward above."
     @staticmethod
     def forward(ctx, x, weight, bias, prev_count, prev_mean, prev_var, num_groups, eps):
-        B, T, D = x.shape
-        G, K = num_groups, D // num_groups
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        acc_tl = tl.float64 if acc == torch.float64 else tl.float32
-        y = torch.empty_like(x)
-        mean = torch.empty(B, G, dtype=acc, device=x.device)
-        var = torch.empty(B, G, dtype=acc, device=x.device)
-        cum_mean = torch.empty(B, T, G, dtype=acc, device=x.device)
-        cum_rstd = torch.empty(B, T, G, dtype=acc, device=x.device)
-        if x.is_cuda:
-            BT = TUNING["block_t"] if K <= 256 else 4
-        else:
-            BT = min(8, triton.next_power_of_2(max(T, 1)))
-        BK = triton.next_power_of_2(K)
-        S, seg_len = _segments(B, T, G, BT, x.device)
-        # pass 1: each (batch row, group, segment)'s own summary; pass 2: merge the ones before, then the scan
-        seg = torch.empty(3, B, G, S, dtype=acc, device=x.device)
-        if S > 1:
-            timestep_norm_stats_kernel[(B, G, S)](x, seg[0], seg[1], seg[2], T, D, G, K, seg_len,
-                                                  ACC=acc_tl, BLOCK_T=BT, BLOCK_K=BK)
-        timestep_norm_fwd_kernel[(B, G, S)](
-            x, weight.contiguous(), bias.contiguous(), prev_count.contiguous(), prev_mean.to(acc).contiguous(),
-            prev_var.to(acc).contiguous(), y, mean, var, cum_mean, cum_rstd, T, D, G, K, eps,
-            ACC=acc_tl, BLOCK_T=BT, BLOCK_K=BK, SEG_N=seg[0], SEG_M=seg[1], SEG_V=seg[2], seg_len=seg_len,
-            BLOCK_S=triton.next_power_of_2(S) if S > 1 else 0)
+        y, count, mean, var, (cum_mean, cum_rstd) = _timestep_norm_fwd(x, weight, bias, prev_count, prev_mean, prev_var,
+                                                                        num_groups, eps, save=True)
         ctx.save_for_backward(x, weight, prev_count, prev_mean, cum_mean, cum_rstd)
-        ctx.num_groups = G
-        return y, prev_count + T, mean, var
+        ctx.num_groups = num_groups
+        return y, count, mean, var
 
     @staticmethod
     def backward(ctx, dy, _dcount, dmean, dvar):
         x, weight, c0, m0, cum_mean, cum_rstd = ctx.saved_tensors
         dy = torch.zeros_like(x) if dy is None else dy
-        dx, dw, db, dm0, dv0 = _timestep_norm_backward(dy, dmean, dvar, x, weight, c0, m0, cum_mean, cum_rstd,
-                                                       ctx.num_groups)
+        B, G = x.shape[0], ctx.num_groups
+        has_prev = c0 is not None
+        if not has_prev:  # no prior: 0 steps before (its mean is unused)
+            c0 = torch.zeros(B, dtype=torch.int64, device=x.device)
+            m0 = torch.zeros(B, G, dtype=cum_mean.dtype, device=x.device)
+        dx, dw, db, dm0, dv0 = _timestep_norm_backward(dy, dmean, dvar, x, weight, c0, m0, cum_mean, cum_rstd, G)
+        if not has_prev:
+            return dx.to(x.dtype), dw.to(weight.dtype), db.to(weight.dtype), None, None, None, None, None
         return (dx.to(x.dtype), dw.to(weight.dtype), db.to(weight.dtype), None, dm0.to(m0.dtype),
                 dv0.to(m0.dtype), None, None)
+
 
 # %% ../../nbs/11b_timestep_norm.ipynb #cell-027
 def timestep_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor,
@@ -282,7 +314,12 @@ def timestep_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: 
     if backend == "ref" or B == 0 or T == 0:  # empty inputs: the same (empty) answer on every backend
         return timestep_norm_ref(x, G, weight, bias, prev_count, prev_mean, prev_var, eps)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    prev_count = torch.zeros(B, dtype=torch.int64, device=x.device) if prev_count is None else prev_count
-    prev_mean = torch.zeros(B, G, dtype=acc, device=x.device) if prev_mean is None else prev_mean
-    prev_var = torch.ones(B, G, dtype=acc, device=x.device) if prev_var is None else prev_var
-    return TimestepNormFunction.apply(x.contiguous(), weight, bias, prev_count, prev_mean, prev_var, G, eps)
+    prior = (prev_count, prev_mean, prev_var)
+    if any(t is not None for t in prior):  # a prior, in full (its absent parts at their defaults), in acc dtype
+        prior = (torch.zeros(B, dtype=torch.int64, device=x.device) if prev_count is None else prev_count.contiguous(),
+                 torch.zeros(B, G, dtype=acc, device=x.device) if prev_mean is None else prev_mean.to(acc).contiguous(),
+                 torch.ones(B, G, dtype=acc, device=x.device) if prev_var is None else prev_var.to(acc).contiguous())
+    x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, *prior))):
+        return _timestep_norm_fwd(x, weight, bias, *prior, G, eps, save=False)[:4]   # inference: no autograd graph
+    return TimestepNormFunction.apply(x, weight, bias, *prior, G, eps)
