@@ -43,10 +43,11 @@ from tinylab.triforce import (FlatKVCache, TriForceConfig, _forward, _now, _pref
 SIZES = {  # target, draft, training and decoding settings; "smoke" checks the script anywhere in a minute
     "full":  dict(d=1024, layers=12, heads=8, draft_d=256, draft_layers=2, draft_heads=4, window=1024, batch=16,
                   steps=700, draft_steps=500, lr=6e-4, contexts=[16384, 65536, 262144, 524288], new_tokens=128,
-                  prompts=2, budget=4096, sinks=16, draft_window=240),
+                  prompts=2, budget=4096, sinks=16, draft_window=240, copy_prob=0.5, copy_len=(32, 256),
+                  passage=320, cue=32),
     "smoke": dict(d=64, layers=2, heads=2, draft_d=32, draft_layers=1, draft_heads=2, window=64, batch=4,
                   steps=20, draft_steps=10, lr=3e-3, contexts=[256, 512], new_tokens=12,
-                  prompts=1, budget=64, sinks=8, draft_window=32),
+                  prompts=1, budget=64, sinks=8, draft_window=32, copy_prob=0.5, copy_len=(4, 16), passage=40, cue=8),
 }
 
 
@@ -76,24 +77,44 @@ def llama(vocab: int, d: int, layers: int, heads: int, max_pos: int, eos: int) -
                        bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, attn_implementation="sdpa")
 
 
-def pose_positions(batch: int, window: int, max_pos: int, g: torch.Generator) -> torch.Tensor:
-    "PoSE: each window is cut in two at a random point and the second part's positions skip ahead by a random amount."
+def pose_positions(batch: int, window: int, max_pos: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """PoSE: each window is cut in two at a random point and the second part's positions skip ahead by a random
+    amount. Returns (positions [batch, window], cuts [batch])."""
     cut = torch.randint(1, window, (batch, 1), generator=g)
     skip = torch.randint(0, max_pos - window + 1, (batch, 1), generator=g)
     pos = torch.arange(window).expand(batch, -1)
-    return pos + (pos >= cut) * skip
+    return pos + (pos >= cut) * skip, cut[:, 0]
 
 
-def train(model, tokens: torch.Tensor, steps: int, batch: int, window: int, lr: float, max_pos: int, seed: int, dev) -> list:
-    "AdamW, bf16 autocast, cosine schedule; random windows of the training stream with PoSE positions. Returns losses."
+def copy_across_cut(x: torch.Tensor, cut: torch.Tensor, prob: float, lengths: tuple[int, int], g: torch.Generator):
+    """Long-range repeats: in a share `prob` of the windows, a passage of the first part (before the PoSE cut) is
+    written again into the second part, whose positions lie far ahead, so the loss on the repeat rewards reading
+    far back by content (an induction head over any distance). `x` [batch, window + 1] is changed in place."""
+    lo, hi = lengths
+    for row in range(x.shape[0]):
+        L = int(torch.randint(lo, hi + 1, (), generator=g))
+        c = int(cut[row])
+        if torch.rand((), generator=g) >= prob or c < L or x.shape[1] - c < L:
+            continue
+        src = int(torch.randint(0, c - L + 1, (), generator=g))
+        dst = int(torch.randint(c, x.shape[1] - L + 1, (), generator=g))
+        x[row, dst:dst + L] = x[row, src:src + L].clone()
+    return x
+
+
+def train(model, tokens: torch.Tensor, steps: int, batch: int, window: int, lr: float, max_pos: int, seed: int, dev,
+          copy_prob: float = 0.0, copy_len: tuple[int, int] = (32, 256)) -> list:
+    """AdamW, bf16 autocast, cosine schedule; random windows of the training stream with PoSE positions, and in a
+    share `copy_prob` of them a long-range repeat (`copy_across_cut`). Returns losses."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, fused=dev.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     losses, t0 = [], time.perf_counter()
     for step in range(steps):
         start = torch.randint(0, len(tokens) - window - 1, (batch,), generator=g)
-        x = torch.stack([tokens[s:s + window + 1] for s in start.tolist()]).to(dev)
-        pos = pose_positions(batch, window, max_pos, g).to(dev)
+        x = torch.stack([tokens[s:s + window + 1] for s in start.tolist()])
+        pos, cut = pose_positions(batch, window, max_pos, g)
+        x, pos = copy_across_cut(x, cut, copy_prob, copy_len, g).to(dev), pos.to(dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             logits = model(input_ids=x[:, :-1], position_ids=pos).logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
@@ -225,9 +246,9 @@ def show(row: dict):
     print(line, flush=True)
 
 
-def run(data: Path, out: Path | None, size: str, seed: int = 0, **overrides):
-    S = {**SIZES[size], **{k: v for k, v in overrides.items() if v is not None}}
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def build_and_train(data: Path, S: dict, seed: int, dev: torch.device) -> dict:
+    """The target and draft Llamas, trained on the stream (with long-range repeats in a share `copy_prob` of the
+    windows), in bf16 on a GPU; with the token stream and a record of the training."""
     meta = json.loads((data / "meta.json").read_text())
     tokens = torch.from_numpy(np.load(data / "tokens.npy").astype(np.int64))
     n_val = meta["validation_tokens"]
@@ -241,8 +262,9 @@ def run(data: Path, out: Path | None, size: str, seed: int = 0, **overrides):
     print(f"{device}; target {sum(p.numel() for p in target.parameters()) / 1e6:.1f}M, "
           f"draft {sum(p.numel() for p in draft.parameters()) / 1e6:.2f}M parameters", flush=True)
     t0 = time.perf_counter()
-    print("training the target"); tl = train(target, train_tokens, S["steps"], S["batch"], S["window"], S["lr"], max_pos, seed, dev)
-    print("training the draft"); dl = train(draft, train_tokens, S["draft_steps"], S["batch"], S["window"], 3 * S["lr"], max_pos, seed + 1, dev)
+    copies = dict(copy_prob=S["copy_prob"], copy_len=tuple(S["copy_len"]))
+    print("training the target"); tl = train(target, train_tokens, S["steps"], S["batch"], S["window"], S["lr"], max_pos, seed, dev, **copies)
+    print("training the draft"); dl = train(draft, train_tokens, S["draft_steps"], S["batch"], S["window"], 3 * S["lr"], max_pos, seed + 1, dev, **copies)
     train_seconds = time.perf_counter() - t0
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     target, draft = target.to(dtype).eval(), draft.to(dtype).eval()
@@ -253,6 +275,39 @@ def run(data: Path, out: Path | None, size: str, seed: int = 0, **overrides):
         val = {name: F.cross_entropy(m(input_ids=xs[:, :-1]).logits.float().flatten(0, 1), xs[:, 1:].flatten()).item()
                for name, m in (("target", target), ("draft", draft))}
     print(f"validation loss: {val}", flush=True)
+    record = dict(device=device, torch=torch.__version__, transformers=transformers.__version__,
+                  target=dict(layers=S["layers"], d_model=S["d"], heads=S["heads"], params=sum(p.numel() for p in target.parameters()),
+                              kv_bytes_per_token=2 * S["layers"] * S["d"] * torch.finfo(dtype).bits // 8),
+                  draft=dict(layers=S["draft_layers"], d_model=S["draft_d"], params=sum(p.numel() for p in draft.parameters())),
+                  training=dict(steps=S["steps"], draft_steps=S["draft_steps"], batch=S["batch"], window=S["window"],
+                                copy_prob=S["copy_prob"], copy_len=list(S["copy_len"]),
+                                final_loss=float(np.mean(tl[-20:])), draft_final_loss=float(np.mean(dl[-20:])),
+                                seconds=train_seconds, validation_loss=val))
+    return dict(target=target, draft=draft, tokens=tokens, n_val=n_val, record=record)
+
+
+def held_out_prompt(tokens: torch.Tensor, n_val: int, ctx: int, p: int, prompts: int) -> torch.Tensor:
+    "A `ctx`-token prompt ending in held-out text (prompt `p` of `prompts`), padded from the start of the stream."
+    end = len(tokens) - p * (n_val // max(prompts, 1))
+    ids = tokens[max(end - ctx, 0):end]
+    return torch.cat([tokens[:ctx - len(ids)], ids]) if len(ids) < ctx else ids
+
+
+def repeat_prompt(ids: torch.Tensor, passage: int, cue: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prompt whose continuation is far back: a `passage`-token passage from the first 5% of `ids` is repeated at
+    the end, cut after its first `cue` tokens. Returns (prompt [ctx], the passage's rest, which a model that reads
+    its whole context can copy). The text loss of `context_loss` on (prompt minus cue + whole passage) measures it."""
+    ctx = len(ids)
+    a = ctx // 20
+    src = ids[a:a + passage]
+    return torch.cat([ids[:ctx - cue], src[:cue]]), src[cue:]
+
+
+def run(data: Path, out: Path | None, size: str, seed: int = 0, **overrides):
+    S = {**SIZES[size], **{k: v for k, v in overrides.items() if v is not None}}
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    built = build_and_train(data, S, seed, dev)
+    target, draft, tokens, n_val = built["target"], built["draft"], built["tokens"], built["n_val"]
 
     tf = TriForceConfig(budget=S["budget"], sinks=S["sinks"], window=S["draft_window"])
     variants = {"TriForce": tf, "TriForce, retrieval cache built once": TriForceConfig(
@@ -263,9 +318,7 @@ def run(data: Path, out: Path | None, size: str, seed: int = 0, **overrides):
     rows, costs = [], {}
     for ctx in S["contexts"]:
         for p in range(S["prompts"] if ctx < max(S["contexts"]) else 1):   # one prompt at the longest, for time
-            end = len(tokens) - p * (n_val // max(S["prompts"], 1))     # the prompt ends in held-out text
-            ids = tokens[max(end - ctx, 0):end]
-            ids = torch.cat([tokens[:ctx - len(ids)], ids]) if len(ids) < ctx else ids
+            ids = held_out_prompt(tokens, n_val, ctx, p, S["prompts"])   # the prompt ends in held-out text
             n = S["new_tokens"]
             ref, t_sdpa = sdpa_generate(target, ids.to(dev), n)
             rows.append(dict(context=ctx, prompt=p, method="plain decoding, SDPA", new_tokens=n, decode_s=t_sdpa)); show(rows[-1])
@@ -283,14 +336,7 @@ def run(data: Path, out: Path | None, size: str, seed: int = 0, **overrides):
         print(f"  level costs and diagnostics: {costs[ctx]}", flush=True)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-        result = dict(device=device, torch=torch.__version__, transformers=transformers.__version__,
-                      date=datetime.now(timezone.utc).strftime("%Y-%m-%d"), size=size,
-                      target=dict(layers=S["layers"], d_model=S["d"], heads=S["heads"], params=sum(p.numel() for p in target.parameters()),
-                                  kv_bytes_per_token=2 * S["layers"] * S["d"] * torch.finfo(dtype).bits // 8),
-                      draft=dict(layers=S["draft_layers"], d_model=S["draft_d"], params=sum(p.numel() for p in draft.parameters())),
-                      training=dict(steps=S["steps"], draft_steps=S["draft_steps"], batch=S["batch"], window=S["window"],
-                                    final_loss=float(np.mean(tl[-20:])), draft_final_loss=float(np.mean(dl[-20:])),
-                                    seconds=train_seconds, validation_loss=val),
+        result = dict(**built["record"], date=datetime.now(timezone.utc).strftime("%Y-%m-%d"), size=size,
                       triforce=dict(gamma1=tf.gamma1, gamma2=tf.gamma2, budget=tf.budget, chunk_size=tf.chunk_size,
                                     sinks=tf.sinks, window=tf.window, temperature=tf.temperature),
                       passes=level_passes(tf), rows=rows, levels={str(k): v for k, v in costs.items()})
@@ -301,18 +347,63 @@ def run(data: Path, out: Path | None, size: str, seed: int = 0, **overrides):
     return result
 
 
+def diagnose(data: Path, out: Path | None, size: str, seed: int = 0, **overrides):
+    """Does the trained target use its long context (issue #21)? At each context: the target's loss on held-out text
+    and on a far repeat (`repeat_prompt`) with the whole context and with its last 1K tokens; the share of the newest
+    token's attention the retrieval cache holds at the end of each prompt; and greedy TriForce against plain decoding
+    on the repeat prompt (identical output, acceptance of both levels, how much of the passage is copied)."""
+    S = {**SIZES[size], **{k: v for k, v in overrides.items() if v is not None}}
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    built = build_and_train(data, S, seed, dev)
+    target, draft, tokens, n_val = built["target"], built["draft"], built["tokens"], built["n_val"]
+    tf = TriForceConfig(budget=S["budget"], sinks=S["sinks"], window=S["draft_window"])
+    result = dict(**built["record"], date=datetime.now(timezone.utc).strftime("%Y-%m-%d"), size=size, step="diagnose",
+                  triforce=dict(gamma1=tf.gamma1, gamma2=tf.gamma2, budget=tf.budget, chunk_size=tf.chunk_size,
+                                sinks=tf.sinks, window=tf.window), repeat=dict(passage=S["passage"], cue=S["cue"]), contexts={})
+    for ctx in S["contexts"]:
+        text = held_out_prompt(tokens, n_val, ctx, 0, 1)
+        prompt, rest = repeat_prompt(text, S["passage"], S["cue"])
+        with_passage = torch.cat([prompt[:-S["cue"]], text[ctx // 20:ctx // 20 + S["passage"]]])
+        row = {"loss, held-out text": context_loss(target, text.tolist()),
+               "loss, far repeat": context_loss(target, with_passage.tolist(), tail=S["passage"] - S["cue"]),
+               "attention share, held-out text": level_costs(target, draft, text.tolist(), tf, dev)["attention_share"],
+               "attention share, far repeat": level_costs(target, draft, prompt.tolist(), tf, dev)["attention_share"]}
+        n = min(S["new_tokens"], len(rest))
+        plain, st_plain = autoregressive_generate(target, prompt, n)
+        fast, st = triforce_generate(target, draft, prompt, n, tf)
+        row["far repeat, greedy"] = dict(new_tokens=n, copied=int((plain[ctx:ctx + n] == rest[:n]).sum()),
+                                         same_as_plain=bool(torch.equal(fast, plain)), draft_acceptance=st.draft_acceptance,
+                                         middle_acceptance=st.middle_acceptance, tokens_per_round=st.tokens_per_round,
+                                         plain_decode_s=st_plain.decode_seconds, triforce_decode_s=st.decode_seconds)
+        if not row["far repeat, greedy"]["same_as_plain"]:   # where they part, and how close the target's top two were
+            i = int((fast[:len(plain)] != plain[:len(fast)]).nonzero()[0])
+            with torch.no_grad():
+                top2 = target(input_ids=plain[None, :i].to(dev)).logits[0, -1].float().topk(2).values
+            row["far repeat, greedy"].update(first_difference=i - ctx, top2_logit_gap_there=float(top2[0] - top2[1]))
+        result["contexts"][str(ctx)] = row
+        print(f"{ctx:>7}: {json.dumps(row)}", flush=True)
+        if out is not None:                                # after every context, so a cut-off run keeps what it measured
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=1))
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return result
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("step", choices=["prepare", "run"])
+    ap.add_argument("step", choices=["prepare", "run", "diagnose"])
     ap.add_argument("--data", type=Path, default=Path(".bench/triforce"))
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, any device: checks the script runs")
     ap.add_argument("--contexts", type=int, nargs="+", help="override the context lengths")
     ap.add_argument("--steps", type=int, help="override the target's (and draft's) training steps")
     ap.add_argument("--new-tokens", type=int, help="override the tokens generated per prompt")
+    ap.add_argument("--copy-prob", type=float, help="override the share of training windows with a long-range repeat")
     args = ap.parse_args()
     if args.step == "prepare":
         prepare(args.data)
     else:
-        run(args.data, args.out, "smoke" if args.smoke else "full", contexts=args.contexts, steps=args.steps,
-            draft_steps=args.steps, new_tokens=args.new_tokens)
+        (run if args.step == "run" else diagnose)(args.data, args.out, "smoke" if args.smoke else "full",
+                                                  contexts=args.contexts, steps=args.steps, draft_steps=args.steps,
+                                                  new_tokens=args.new_tokens, copy_prob=args.copy_prob)

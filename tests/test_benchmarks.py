@@ -35,6 +35,57 @@ def test_triforce_e2e_smoke(tmp_path):
         assert set(level["wall_ms"]) == set(result["passes"])   # each pass by its stable key, described once
 
 
+def made_up_stream(tmp_path) -> Path:
+    data = tmp_path / "data"
+    data.mkdir()
+    tokens = np.random.default_rng(0).integers(1, 300, 20_000).astype(np.uint16)
+    np.save(data / "tokens.npy", tokens)
+    (data / "meta.json").write_text(json.dumps({"vocab_size": 300, "tokens": len(tokens), "validation_tokens": 2_000, "eos": 0}))
+    return data
+
+
+def test_triforce_e2e_diagnose_smoke(tmp_path):
+    "The diagnose step (issue #21): losses with the whole context and the last 1K, attention shares, a far repeat."
+    out = tmp_path / "diagnose.json"
+    proc = subprocess.run([sys.executable, "benchmarks/bench_triforce_e2e.py", "diagnose", "--smoke", "--data",
+                           str(made_up_stream(tmp_path)), "--out", str(out)], cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["training"]["copy_prob"] > 0 and set(result["contexts"]) == {"256", "512"}
+    for row in result["contexts"].values():
+        for kind in ("held-out text", "far repeat"):
+            assert len(row[f"loss, {kind}"]) == 2
+            assert 0 < row[f"attention share, {kind}"]["retrieval cache"] <= 1 + 1e-6
+        greedy = row["far repeat, greedy"]
+        assert greedy["same_as_plain"] and 0 <= greedy["copied"] <= greedy["new_tokens"]
+
+
+def test_long_range_copies_land_after_the_cut():
+    "copy_across_cut writes a passage of the first part into the second part, and nothing else changes."
+    import importlib.util
+    import torch
+    spec = importlib.util.spec_from_file_location("e2e", ROOT / "benchmarks" / "bench_triforce_e2e.py")
+    e2e = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(e2e)
+    g = torch.Generator().manual_seed(0)
+    x = torch.arange(8 * 65).view(8, 65)                 # every token distinct: a copy is visible
+    _, cut = e2e.pose_positions(8, 64, 10_000, g)
+    y = e2e.copy_across_cut(x.clone(), cut, 1.0, (4, 8), g)
+    changed = 0
+    for row in range(8):
+        diff = (y[row] != x[row]).nonzero().flatten()
+        if len(diff) == 0:
+            assert cut[row] < 4 or 65 - cut[row] < 4   # no room for the shortest passage on one side
+            continue
+        changed += 1
+        assert diff.min() >= cut[row] and 4 <= len(diff) <= 8
+        start, n = int(diff.min()), len(diff)
+        src = (x[row] == y[row, start]).nonzero().item()  # where the copied passage came from
+        assert src + n <= cut[row] and torch.equal(y[row, start:start + n], x[row, src:src + n])
+    assert changed >= 4
+
+
 def test_triforce_kernel_benchmark_smoke(tmp_path):
     "The kernel benchmark's --smoke path: the gate, SDPA with a causal_lower_right mask, the backend it chose."
     out = tmp_path / "kernel.json"
