@@ -79,6 +79,86 @@ def test_carried_state_equals_one_pass():
     assert_close("h_T two segments", h, h2, 1e-4)
 
 
+
+# time segments (issue #15): pass 1 keeps each full segment's end state, pass 2 starts every segment from the carry
+# those give. (S, seg_len) at odd sizes in the interpreter's tiles (BLOCK_T = 8): the last segment partial or full.
+SEGMENTS = [pytest.param(2, 19, 5, 3, (3, 8), id="T19-S3-last3"), pytest.param(1, 37, 6, 4, (3, 16), id="T37-S3-last5"),
+            pytest.param(3, 24, 3, 2, (3, 8), id="T24-S3-full"), pytest.param(1, 33, 7, 16, (5, 8), id="T33-S5-last1")]
+
+
+@pytest.mark.parametrize("use_h0", [False, True], ids=["no-h0", "h0"])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
+@pytest.mark.parametrize("B,T,D,N,segments", SEGMENTS)
+def test_segmented_forward(poison_empty, B, T, D, N, segments, dtype, use_h0):
+    "Several segments == the reference, and the saved chunk-start states == those of one segment (the backward's input)."
+    from tinylab.kernels.cema import _cema_forward
+    x, p, q, g, h0 = make(B, T, D, N, dtype, h0=use_h0)
+    y_ref, h_ref = cema_ref(x, p, q, g, h0)
+    y, h, hs = _cema_forward(x, p, q, g, h0, save_states=True, segments=segments)
+    _, _, hs_one = _cema_forward(x, p, q, g, h0, save_states=True, segments=(1, 8 * ((T + 7) // 8)))
+    assert y.dtype == dtype and hs.shape == hs_one.shape == (B, (T + 7) // 8, D, N, 2)
+    assert_close("y", y_ref.float(), y.float(), TOL[dtype])
+    assert_close("h_T", h_ref, h, TOL[torch.float32])
+    assert_close("chunk states", hs_one, hs, 1e-5)
+
+
+@pytest.mark.parametrize("use_h0", [False, True], ids=["no-h0", "h0"])
+@pytest.mark.parametrize("B,T,D,N", [pytest.param(2, 37, 5, 3, id="T37-D5-N3"), pytest.param(1, 29, 3, 16, id="T29-N16")])
+def test_segmented_backward(poison_empty, B, T, D, N, use_h0):
+    "Gradients through the autograd function when its forward splits time (the interpreter picks 3 or 4 segments)."
+    from tinylab.kernels.cema import _cema_blocks, _cema_segments
+    S, _ = _cema_segments(B, T, 1, _cema_blocks(T, D, N, False)[0], torch.device("cpu"))
+    assert S >= 3
+    x, p, q, g, h0 = make(B, T, D, N, h0=use_h0)
+    ref = [t.clone().requires_grad_() for t in (x, p, q, g) + ((h0,) if use_h0 else ())]
+    tri = [t.clone().requires_grad_() for t in ref]
+    y_ref, h_ref = cema_ref(*ref)
+    y_tri, h_tri = cema(*tri, backend="triton")
+    dy, dh = torch.randn_like(y_ref), torch.randn_like(h_ref)
+    loss = lambda y, h: (y * dy).sum() + (h * dh.conj()).real.sum()
+    g_ref = torch.autograd.grad(loss(y_ref, h_ref), ref)
+    g_tri = torch.autograd.grad(loss(y_tri, h_tri), tri)
+    for name, a, b in zip(["x", "p", "q", "gamma", "h0"], g_ref, g_tri):
+        assert_close(f"d{name}", a, b, 1e-4)
+
+
+def test_segmented_zero_and_unit_decay():
+    "q entries of 0 and of modulus 1 (q^L by repeated squaring: 0 and a pure rotation) across segment boundaries."
+    from tinylab.kernels.cema import _cema_forward
+    x, p, q, g, h0 = make(1, 27, 3, 2)
+    q = q.clone()
+    q[0, 0], q[1, 1] = 0, torch.polar(torch.tensor(1.0), torch.tensor(2.5))
+    want = cema_ref(x.double(), p.double(), q.to(torch.complex128), g.to(torch.complex128), h0.to(torch.complex128))
+    y, h, _ = _cema_forward(x, p, q, g, h0, save_states=False, segments=(4, 8))
+    assert_close("y", want[0], y, 1e-5)
+    assert_close("h_T", want[1], h, 1e-5)
+
+
+@pytest.mark.parametrize("fold", [False, True], ids=["state-after-scan", "state-folded"])
+def test_both_ways_of_carrying_the_state(monkeypatch, poison_empty, fold):
+    "TUNING['fold_state'] either way: the carried state applied after each tile's scan, or folded into its first step."
+    import tinylab.kernels.cema as m
+    monkeypatch.setitem(m.TUNING, "fold_state", fold)
+    x, p, q, g, h0 = make(2, 21, 5, 3)
+    y_ref, h_ref = cema_ref(x, p, q, g, h0)
+    y, h, _ = m._cema_forward(x, p, q, g, h0, save_states=True, segments=(3, 8))
+    assert_close("y", y_ref, y, 1e-4)
+    assert_close("h_T", h_ref, h, 1e-4)
+
+def test_segment_choice(monkeypatch):
+    "On a GPU: segments tile the sequence (full ones a multiple of BLOCK_T), fill the SMs, and short inputs keep one."
+    import tinylab.kernels.cema as m
+    monkeypatch.setattr(m, "_sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    for B, T, D_blocks in [(4, 8192, 128), (4, 65536, 128), (1, 1000, 3), (4, 16, 128), (2, 1, 1)]:
+        S, seg_len = m._cema_segments(B, T, D_blocks, 16, cuda)
+        assert seg_len % 16 == 0 and (S - 1) * seg_len < T <= S * seg_len
+        assert seg_len >= 16 * min(m.TUNING["min_segment_tiles"], (T + 15) // 16)
+    assert m._cema_segments(4, 16, 128, 16, cuda)[0] == 1
+    assert m._cema_segments(4, 2048, 128, 16, cuda)[0] == 1             # too few segments to pay for a first pass
+    assert m._cema_segments(4, 65536, 128, 16, cuda)[0] >= max(2, m.TUNING["min_segments"])
+    assert m._cema_segments(1, 100000, 3, 16, cuda)[0] > 1
+
 @pytest.mark.parametrize("mutate,exc,match", [
     (lambda a: {**a, "x": a["x"][0]}, ValueError, "x must be"),
     (lambda a: {**a, "x": a["x"].int()}, TypeError, "x must be float"),
@@ -174,3 +254,24 @@ def test_megalodon_kernel_benchmark_smoke(tmp_path):
     row = rec["rows"][0]
     assert {"cema_triton_ms", "cema_triton_bf16_ms", "tsn_triton_ms", "floor_ms"} <= set(row)
     assert rec["tuning"]["timestep_norm"] and "commit" in rec
+
+
+
+def test_segments_benchmark_smoke(tmp_path):
+    "benchmarks/bench_cema_segments.py --smoke (the source of book/results/cema_segments_h200.json): gates, a row, the sweep."
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "cema_segments.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "benchmarks/bench_cema_segments.py", "--smoke", "--out", str(out)],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads(out.read_text())
+    assert rec["gates_pass"] and rec["gates"], rec["gates"]
+    assert {"new_fp32_call_ms", "new_bf16_call_ms", "segments"} <= set(rec["rows"][0])
+    assert rec["sweep"] and all("relerr_vs_fp64" in e for e in rec["sweep"])
+    assert rec["tuning_default"] and "commit" in rec

@@ -5,6 +5,7 @@
 # %% ../../nbs/11a_cema.ipynb #cell-004
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -12,8 +13,8 @@ import triton
 import triton.language as tl
 
 # %% auto #0
-__all__ = ['cema_ref', 'random_cema_params', 'cema_kernel', 'cema_fft', 'cema_fwd_kernel', 'cema_bwd_kernel', 'CEMAFunction',
-           'cema']
+__all__ = ['TUNING', 'cema_ref', 'random_cema_params', 'cema_kernel', 'cema_fft', 'cema_seg_end_kernel', 'cema_fwd_kernel',
+           'cema_bwd_kernel', 'CEMAFunction', 'cema']
 
 # %% ../../nbs/11a_cema.ipynb #cell-009
 def _acc_dtypes(x: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
@@ -121,10 +122,70 @@ def _scan_from(a_re, a_im, b_re, b_im, s_re, s_im, REVERSE: tl.constexpr):
 
 # %% ../../nbs/11a_cema.ipynb #cell-026
 @triton.jit
+def _cmul_combine(ar1, ai1, ar2, ai2):
+    "The complex product (ar1 + i ai1)(ar2 + i ai2): a scan of it gives running powers."
+    return ar1 * ar2 - ai1 * ai2, ar1 * ai2 + ai1 * ar2
+
+@triton.jit
+def _cpow(q_re, q_im, n):
+    "q**n for an integer n >= 0, elementwise, by repeated squaring (about 2 log2(n) complex products)."
+    r_re = q_re * 0. + 1.
+    r_im = q_im * 0.
+    b_re, b_im = q_re, q_im
+    e = n
+    while e > 0:
+        odd = (e % 2) == 1
+        r_re, r_im = tl.where(odd, r_re * b_re - r_im * b_im, r_re), tl.where(odd, r_re * b_im + r_im * b_re, r_im)
+        b_re, b_im = b_re * b_re - b_im * b_im, 2. * b_re * b_im
+        e = e // 2
+    return r_re, r_im
+
+@triton.jit
+def cema_seg_end_kernel(X, P, Q, END, T, D, N, seg_len,
+                        ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    # pass 1, one program: batch row b, channels d0 .. d0 + BLOCK_D, segment s (a full one: seg_len steps, a
+    # multiple of BLOCK_T) -> the segment's end state from a zero start, sum_j q^(L-1-j) p x_j
+    b, pid_d, s = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    rt = tl.arange(0, BLOCK_T)
+    rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    rn = tl.arange(0, BLOCK_N)
+    dn_mask = (rd[:, None] < D) & (rn[None, :] < N)
+    dn = rd[:, None] * N + rn[None, :]
+    p = tl.load(P + dn, mask=dn_mask, other=0.).to(ACC)
+    q_re, q_im = _load_complex(Q, dn, dn_mask, ACC)
+    # a tile's weights w_t = q^(BLOCK_T-1-t): a reverse running product of (q, ..., q, 1); no scan per tile needed
+    last = (rt == BLOCK_T - 1)[:, None, None]
+    a_re = tl.where(last, 1., q_re[None, :, :] + tl.zeros([BLOCK_T, BLOCK_D, BLOCK_N], ACC))
+    a_im = tl.where(last, 0., q_im[None, :, :] + tl.zeros([BLOCK_T, BLOCK_D, BLOCK_N], ACC))
+    w_re, w_im = tl.associative_scan((a_re, a_im), 0, _cmul_combine, reverse=True)
+    first = (rt == 0)[:, None, None]
+    qt_re = tl.sum(tl.where(first, w_re, 0.), axis=0)                     # q^(BLOCK_T-1) ...
+    qt_im = tl.sum(tl.where(first, w_im, 0.), axis=0)
+    qt_re, qt_im = qt_re * q_re - qt_im * q_im, qt_re * q_im + qt_im * q_re   # ... times q: q^BLOCK_T
+    pw_re = p[None, :, :] * w_re
+    pw_im = p[None, :, :] * w_im
+    h_re = tl.zeros([BLOCK_D, BLOCK_N], dtype=ACC)
+    h_im = tl.zeros([BLOCK_D, BLOCK_N], dtype=ACC)
+    t0 = s * seg_len
+    for c in range(t0, t0 + seg_len, BLOCK_T):
+        t = c + rt
+        x = tl.load(X + (b * T + t[:, None]) * D + rd[None, :], mask=rd[None, :] < D, other=0.).to(ACC)
+        # h <- q^BLOCK_T h + sum_t q^(BLOCK_T-1-t) p x_t
+        u_re = tl.sum(x[:, :, None] * pw_re, axis=0)
+        u_im = tl.sum(x[:, :, None] * pw_im, axis=0)
+        h_re, h_im = qt_re * h_re - qt_im * h_im + u_re, qt_re * h_im + qt_im * h_re + u_im
+    _store_complex(END, (b * (tl.num_programs(2)) + s) * D * N + dn, h_re, h_im, dn_mask)
+
+
+@triton.jit
 def cema_fwd_kernel(X, P, Q, G, H0, Y, HT, HS, T, D, N,
                     HAS_H0: tl.constexpr, SAVE_STATES: tl.constexpr, ACC: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    # one program: batch row b, channels d0 .. d0 + BLOCK_D, all N dims, walking the whole sequence
+                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                    END=None, seg_len=0, SEGMENTED: tl.constexpr = False, FOLD_STATE: tl.constexpr = False):
+    # one program: batch row b, channels d0 .. d0 + BLOCK_D, all N dims, walking the whole sequence or (SEGMENTED)
+    # segment s of seg_len steps, started from the carry that the h0 and the end states END of segments 0 .. s-1 give.
+    # FOLD_STATE: the carried state enters the tile's first element (b_0 += q h) instead of h_t = A_t h + B_t after
+    # the scan, so the scan's running products of a go unused
     b, pid_d = tl.program_id(0).to(tl.int64), tl.program_id(1)      # int64: (b * T + t) * D passes 2**31
     rt = tl.arange(0, BLOCK_T)
     rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -139,7 +200,17 @@ def cema_fwd_kernel(X, P, Q, G, H0, Y, HT, HS, T, D, N,
         h_re = tl.zeros([BLOCK_D, BLOCK_N], dtype=ACC)
         h_im = tl.zeros([BLOCK_D, BLOCK_N], dtype=ACC)
     n_chunks = tl.cdiv(T, BLOCK_T)
-    for c in range(0, n_chunks):
+    c_start, c_end = 0, n_chunks
+    if SEGMENTED:
+        s = tl.program_id(2)
+        # the carry: h <- q^L h + end[j] over the segments j before this one (all full, L = seg_len steps)
+        qL_re, qL_im = _cpow(q_re, q_im, seg_len)
+        for j in range(0, s):
+            e_re, e_im = _load_complex(END, (b * (tl.num_programs(2) - 1) + j) * D * N + dn, dn_mask, ACC)
+            h_re, h_im = qL_re * h_re - qL_im * h_im + e_re, qL_re * h_im + qL_im * h_re + e_im
+        c_start = s * (seg_len // BLOCK_T)
+        c_end = tl.minimum(c_start + seg_len // BLOCK_T, n_chunks)
+    for c in range(c_start, c_end):
         t = c * BLOCK_T + rt
         if SAVE_STATES:  # state entering chunk c, for the backward pass: HS is (B, n_chunks, D, N, 2)
             hs = (b * n_chunks + c) * D * N + dn
@@ -152,15 +223,22 @@ def cema_fwd_kernel(X, P, Q, G, H0, Y, HT, HS, T, D, N,
         a_im = tl.where(valid, q_im[None, :, :], 0.)
         b_re = x[:, :, None] * p[None, :, :]
         b_im = tl.zeros_like(b_re)
-        H_re, H_im = _scan_from(a_re, a_im, b_re, b_im, h_re[None, :, :], h_im[None, :, :], False)
+        if FOLD_STATE:
+            first = (rt == 0)[:, None, None]
+            b_re += tl.where(first, (q_re * h_re - q_im * h_im)[None, :, :], -0.)   # (x + -0. is x: the compiler
+            b_im += tl.where(first, (q_re * h_im + q_im * h_re)[None, :, :], -0.)   # drops the other rows' adds)
+            _, _, H_re, H_im = tl.associative_scan((a_re, a_im, b_re, b_im), 0, _linrec_combine)
+        else:
+            H_re, H_im = _scan_from(a_re, a_im, b_re, b_im, h_re[None, :, :], h_im[None, :, :], False)
         # y_t = Re(sum_n gamma_n h_t,n)
         y = tl.sum(g_re[None, :, :] * H_re - g_im[None, :, :] * H_im, axis=2)
         tl.store(Y + (b * T + t[:, None]) * D + rd[None, :], y.to(Y.dtype.element_ty), mask=xt_mask)
-        # the last row is the state after this chunk
+        # the last row is the state after this chunk (a sum with -0. elsewhere: exact, and the adds compile away)
         last = (rt == BLOCK_T - 1)[:, None, None]
-        h_re = tl.sum(tl.where(last, H_re, 0.), axis=0)
-        h_im = tl.sum(tl.where(last, H_im, 0.), axis=0)
-    _store_complex(HT, state, h_re, h_im, dn_mask)
+        h_re = tl.sum(tl.where(last, H_re, -0.), axis=0)
+        h_im = tl.sum(tl.where(last, H_im, -0.), axis=0)
+    if c_end == n_chunks:  # the program that ends the sequence writes h_T
+        _store_complex(HT, state, h_re, h_im, dn_mask)
 
 def _cema_blocks(T: int, D: int, N: int, on_gpu: bool) -> tuple[int, int, int]:
     "Tile sizes (BLOCK_T, BLOCK_D, BLOCK_N): large on a GPU, tiny in the interpreter (~1 ms per program)."
@@ -169,21 +247,67 @@ def _cema_blocks(T: int, D: int, N: int, on_gpu: bool) -> tuple[int, int, int]:
         return 16, max(1, min(triton.next_power_of_2(D), 2048 // (16 * BLOCK_N))), BLOCK_N
     return min(8, triton.next_power_of_2(max(T, 1))), min(4, triton.next_power_of_2(D)), BLOCK_N
 
-def _cema_forward(x, p, q, gamma, h0, save_states: bool):
+# %% ../../nbs/11a_cema.ipynb #6ab7f79f
+# launch choices, timed on an H200 (see "Speed"): programs per SM the time segments aim for, the shortest segment in
+# tiles of BLOCK_T steps, the fewest segments worth a first pass (fewer: one segment), the forward's channels per
+# program (None: `_cema_blocks`'s) and warps (these two on a GPU only), and whether the forward folds the carried
+# state into the scan (FOLD_STATE)
+TUNING = dict(programs_per_sm=32, min_segment_tiles=32, min_segments=5, block_d=None, num_warps=4, fold_state=True)
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    "Streaming multiprocessors of a CUDA device, asked once (the query takes hundreds of microseconds)."
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+def _cema_segments(B: int, T: int, D_blocks: int, BT: int, device: torch.device,
+                   sms: int | None = None) -> tuple[int, int]:
+    """(number of time segments, steps per segment, a multiple of BT): enough (batch row, channel block, segment)
+    programs to fill the GPU, each segment at least `min_segment_tiles` tiles long, and one segment (no first pass)
+    when that gives fewer than `min_segments`; in the interpreter at most 4 segments of 1 tile or more, so that
+    small tests cross segment boundaries. `sms` (a GPU's SM count) gives the GPU choice without a GPU."""
+    tiles = triton.cdiv(T, BT)
+    if device.type == "cuda" or sms is not None:
+        n = min(triton.cdiv(TUNING["programs_per_sm"] * (sms or _sm_count(device)), B * D_blocks),
+                triton.cdiv(tiles, TUNING["min_segment_tiles"]))
+        n = n if n >= TUNING["min_segments"] else 1
+    else:
+        n = min(4, tiles)
+    seg_len = triton.cdiv(tiles, max(n, 1)) * BT
+    return triton.cdiv(T, seg_len), seg_len
+
+def _cema_forward(x, p, q, gamma, h0, save_states: bool, segments: tuple[int, int] | None = None):
+    """Launch the forward: y, h_T and (save_states) the chunk-start states HS (B, n_chunks, D, N, 2) the backward
+    reads. `segments` = (S, seg_len) overrides the choice of `_cema_segments` (seg_len a multiple of BLOCK_T)."""
     B, T, D = x.shape
     N = p.shape[1]
     real, cplx = _acc_dtypes(x)
-    BT, BD, BN = _cema_blocks(T, D, N, x.is_cuda)
+    BT, BD, BN = _cema_blocks(T, D, N, x.is_cuda)   # BLOCK_T fixes the layout of HS; BLOCK_D is the forward's own
+    if x.is_cuda and TUNING["block_d"]:
+        BD = TUNING["block_d"]
+    nw = TUNING["num_warps"] if x.is_cuda else 4
+    fold = bool(TUNING["fold_state"])
     n_chunks = triton.cdiv(T, BT)
+    S, seg_len = segments or _cema_segments(B, T, triton.cdiv(D, BD), BT, x.device)
     y = torch.empty_like(x)
     hT = torch.empty(B, D, N, 2, dtype=real, device=x.device)
     hs = torch.empty(B, n_chunks, D, N, 2, dtype=real, device=x.device) if save_states else hT
     h0r = torch.view_as_real(h0.to(cplx).contiguous()) if h0 is not None else hT
     acc = tl.float64 if real == torch.float64 else tl.float32
-    cema_fwd_kernel[(B, triton.cdiv(D, BD))](
-        x, p.to(real).contiguous(), torch.view_as_real(q.to(cplx).contiguous()),
-        torch.view_as_real(gamma.to(cplx).contiguous()), h0r, y, hT, hs, T, D, N,
-        HAS_H0=h0 is not None, SAVE_STATES=save_states, ACC=acc, BLOCK_T=BT, BLOCK_D=BD, BLOCK_N=BN)
+    pr, qr = p.to(real).contiguous(), torch.view_as_real(q.to(cplx).contiguous())
+    gr = torch.view_as_real(gamma.to(cplx).contiguous())
+    if S == 1:  # one program per (batch row, channel block) walks the whole sequence
+        cema_fwd_kernel[(B, triton.cdiv(D, BD))](
+            x, pr, qr, gr, h0r, y, hT, hs, T, D, N,
+            HAS_H0=h0 is not None, SAVE_STATES=save_states, ACC=acc, BLOCK_T=BT, BLOCK_D=BD, BLOCK_N=BN, FOLD_STATE=fold,
+            num_warps=nw)
+    else:  # pass 1: the end states of the full segments 0 .. S-2; pass 2: every segment from its carry
+        end = torch.empty(B, S - 1, D, N, 2, dtype=real, device=x.device)
+        cema_seg_end_kernel[(B, triton.cdiv(D, BD), S - 1)](x, pr, qr, end, T, D, N, seg_len,
+                                                            ACC=acc, BLOCK_T=BT, BLOCK_D=BD, BLOCK_N=BN, num_warps=nw)
+        cema_fwd_kernel[(B, triton.cdiv(D, BD), S)](
+            x, pr, qr, gr, h0r, y, hT, hs, T, D, N,
+            HAS_H0=h0 is not None, SAVE_STATES=save_states, ACC=acc, BLOCK_T=BT, BLOCK_D=BD, BLOCK_N=BN,
+            END=end, seg_len=seg_len, SEGMENTED=True, FOLD_STATE=fold, num_warps=nw)
     return y, torch.view_as_complex(hT), hs
 
 # %% ../../nbs/11a_cema.ipynb #cell-030
