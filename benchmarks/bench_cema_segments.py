@@ -18,7 +18,6 @@ Run: PYTHONPATH=. python3 benchmarks/bench_cema_segments.py --out $OUT/cema/cema
 import argparse
 import importlib.util
 import json
-import math
 import os
 import sys
 import time
@@ -34,35 +33,29 @@ import triton
 import tinylab.kernels.cema as new
 
 
-def load_old():
-    "The previous forward (one program per batch row and channel block), copied before the change."
-    path = Path(__file__).with_name("_cema_old.py")
+def load_script(name: str):
+    "A sibling script of benchmarks/ as a module (None if it is missing)."
+    path = Path(__file__).with_name(f"{name}.py")
     if not path.exists():
-        print(f"{path} is missing: the comparison with the one-pass forward is skipped (recreate it with "
-              "`git show d50ffac:tinylab/kernels/cema.py > benchmarks/_cema_old.py`)", flush=True)
         return None
-    spec = importlib.util.spec_from_file_location("_cema_old", path)
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-def params(D, N, seed=0, device="cuda"):
-    g = torch.Generator().manual_seed(seed)
-    alpha, delta = torch.rand(D, N, generator=g) * 0.9 + 0.05, torch.rand(D, N, generator=g)
-    theta = torch.rand(D, 1, generator=g) * torch.arange(1, N + 1) * 2 * math.pi / N
-    q = torch.polar(1 - alpha * delta, theta)
-    gamma = torch.complex(torch.randn(D, N, generator=g), torch.randn(D, N, generator=g)) / math.sqrt(N)
-    return alpha.to(device), q.to(device), gamma.to(device)
+def load_old():
+    "The previous forward (one program per batch row and channel block), copied before the change."
+    old = load_script("_cema_old")
+    if old is None:
+        print("benchmarks/_cema_old.py is missing: the comparison with the one-pass forward is skipped (recreate it "
+              "with `git show d50ffac:tinylab/kernels/cema.py > benchmarks/_cema_old.py`)", flush=True)
+    return old
 
 
-def rel_err(a, b):
-    "max |a - b| / max |b| (complex as real pairs)."
-    a, b = torch.as_tensor(a), torch.as_tensor(b)
-    if a.is_complex() or b.is_complex():
-        a, b = torch.view_as_real(a.to(torch.complex128)), torch.view_as_real(b.to(torch.complex128))
-    a, b = a.double(), b.double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+# the parameters and the error measure of the recorded Megalodon benchmark, so both scripts time the same inputs
+_megalodon = load_script("bench_megalodon")
+params, rel_err = _megalodon.params, _megalodon.rel_err
 
 
 def gates(old, dev, sizes, log):

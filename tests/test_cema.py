@@ -51,6 +51,11 @@ def test_triton_forward(poison_empty, B, T, D, N, dtype):
 @pytest.mark.parametrize("use_h0", [False, True], ids=["no-h0", "h0"])
 @pytest.mark.parametrize("B,T,D,N", [pytest.param(2, 19, 5, 3, id="T19-D5-N3"), pytest.param(1, 9, 3, 16, id="T9-N16")])
 def test_triton_backward(poison_empty, B, T, D, N, use_h0):
+    assert_grads_match_reference(B, T, D, N, use_h0)
+
+
+def assert_grads_match_reference(B, T, D, N, use_h0):
+    "Gradients of x, p, q, gamma (and h0) through the Triton autograd function == autograd through the recurrence."
     x, p, q, g, h0 = make(B, T, D, N, h0=use_h0)
     ref = [t.clone().requires_grad_() for t in (x, p, q, g) + ((h0,) if use_h0 else ())]
     tri = [t.clone().requires_grad_() for t in ref]
@@ -109,17 +114,7 @@ def test_segmented_backward(poison_empty, B, T, D, N, use_h0):
     from tinylab.kernels.cema import _cema_blocks, _cema_segments
     S, _ = _cema_segments(B, T, 1, _cema_blocks(T, D, N, False)[0], torch.device("cpu"))
     assert S >= 3
-    x, p, q, g, h0 = make(B, T, D, N, h0=use_h0)
-    ref = [t.clone().requires_grad_() for t in (x, p, q, g) + ((h0,) if use_h0 else ())]
-    tri = [t.clone().requires_grad_() for t in ref]
-    y_ref, h_ref = cema_ref(*ref)
-    y_tri, h_tri = cema(*tri, backend="triton")
-    dy, dh = torch.randn_like(y_ref), torch.randn_like(h_ref)
-    loss = lambda y, h: (y * dy).sum() + (h * dh.conj()).real.sum()
-    g_ref = torch.autograd.grad(loss(y_ref, h_ref), ref)
-    g_tri = torch.autograd.grad(loss(y_tri, h_tri), tri)
-    for name, a, b in zip(["x", "p", "q", "gamma", "h0"], g_ref, g_tri):
-        assert_close(f"d{name}", a, b, 1e-4)
+    assert_grads_match_reference(B, T, D, N, use_h0)
 
 
 def test_segmented_zero_and_unit_decay():
@@ -239,16 +234,10 @@ def test_input_past_int32_offsets():
 def test_megalodon_kernel_benchmark_smoke(tmp_path):
     "benchmarks/bench_megalodon.py --smoke: every gate (CEMA and timestep norm, fp32, bf16, backward) and one timed row, on the CPU."
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
+    from script_runs import ROOT, SCRIPT_ENV, run_script
     out = tmp_path / "megalodon_kernels.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    proc = subprocess.run([sys.executable, "benchmarks/bench_megalodon.py", "--smoke", "--out", str(out)],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script(ROOT / "benchmarks" / "bench_megalodon.py", "--smoke", "--out", out,
+               env={**SCRIPT_ENV, "TRITON_INTERPRET": "1"}, timeout=600)
     rec = json.loads(out.read_text())
     assert rec["gates_pass"] and all(rec["gates_pass"].values()), rec["gates"]
     row = rec["rows"][0]
@@ -256,20 +245,13 @@ def test_megalodon_kernel_benchmark_smoke(tmp_path):
     assert rec["tuning"]["timestep_norm"] and "commit" in rec
 
 
-
 def test_segments_benchmark_smoke(tmp_path):
     "benchmarks/bench_cema_segments.py --smoke (the source of book/results/cema_segments_h200.json): gates, a row, the sweep."
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
+    from script_runs import ROOT, SCRIPT_ENV, run_script
     out = tmp_path / "cema_segments.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    proc = subprocess.run([sys.executable, "benchmarks/bench_cema_segments.py", "--smoke", "--out", str(out)],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script(ROOT / "benchmarks" / "bench_cema_segments.py", "--smoke", "--out", out,
+               env={**SCRIPT_ENV, "TRITON_INTERPRET": "1"}, timeout=600)
     rec = json.loads(out.read_text())
     assert rec["gates_pass"] and rec["gates"], rec["gates"]
     assert {"new_fp32_call_ms", "new_bf16_call_ms", "segments"} <= set(rec["rows"][0])
