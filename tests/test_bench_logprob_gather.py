@@ -1,20 +1,13 @@
 """The GPU benchmark of the fused log-softmax + gather runs its CPU smoke path: every implementation checked
 before it is timed, and a JSON record with device, versions, date and arguments."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from script_runs import INTERPRET_ENV, ROOT, run_script
 
 
 def test_bench_smoke_writes_checked_json(tmp_path):
     out = tmp_path / "smoke.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_logprob_gather.py"), "--smoke", "--out", str(out)],
-                          capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_script(ROOT / "benchmarks" / "bench_logprob_gather.py", "--smoke", "--out", out, env=INTERPRET_ENV, timeout=600)
     record = json.loads(out.read_text())
     for key in ("device", "date", "torch", "triton", "args", "rows", "checks"):
         assert key in record, key

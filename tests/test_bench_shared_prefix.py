@@ -1,24 +1,17 @@
 """The shared-prefix attention GPU benchmark still runs (its `--smoke` sizes, on the CPU under TRITON_INTERPRET=1), so
 that a GPU session does not spend its time finding a broken script."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from script_runs import INTERPRET_ENV, ROOT, run_script
 
 
 def test_shared_prefix_bench_smoke(tmp_path):
     out = tmp_path / "result.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1", "TINYLAB_COMMIT": "test"}
-    proc = subprocess.run([sys.executable, "benchmarks/bench_shared_prefix_attention.py", "--smoke", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script(ROOT / "benchmarks" / "bench_shared_prefix_attention.py", "--smoke", out, env=INTERPRET_ENV, timeout=600)
     result = json.loads(out.read_text())
     for key in ("device", "torch", "triton", "date", "args", "gate", "tuning", "config", "rows"):
         assert key in result, key
-    assert result["commit"] == "test" and result["args"]["smoke"]
+    assert result["commit"] == INTERPRET_ENV["TINYLAB_COMMIT"] and result["args"]["smoke"]
     assert result["gate"]["float32"] < 1e-4 and result["gate"]["bfloat16"] < 1e-2
     methods = {r["method"] for r in result["rows"]}
     assert {"ours", "sdpa_expanded", "reencode"} <= methods

@@ -1,27 +1,27 @@
 """The TriForce GPU benchmarks still run (their `--smoke` sizes, on the CPU; the end-to-end one on a made-up token stream),
 so that a GPU session does not spend its time finding a broken script."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+from script_runs import ROOT, SCRIPT_ENV, load_script, run_script
 
-ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+INTERPRET = {**SCRIPT_ENV, "TRITON_INTERPRET": "1"}   # the kernel benchmarks' Triton kernels in the interpreter
 
 
-def test_triforce_e2e_smoke(tmp_path):
+def made_up_stream(tmp_path) -> Path:
     data = tmp_path / "data"
     data.mkdir()
     tokens = np.random.default_rng(0).integers(1, 300, 20_000).astype(np.uint16)
     np.save(data / "tokens.npy", tokens)
     (data / "meta.json").write_text(json.dumps({"vocab_size": 300, "tokens": len(tokens), "validation_tokens": 2_000, "eos": 0}))
+    return data
+
+
+def test_triforce_e2e_smoke(tmp_path):
     out = tmp_path / "result.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "benchmarks/bench_triforce_e2e.py", "run", "--smoke", "--data", str(data), "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script(BENCH / "bench_triforce_e2e.py", "run", "--smoke", "--data", made_up_stream(tmp_path), "--out", out, timeout=600)
     result = json.loads(out.read_text())
     methods = {r["method"] for r in result["rows"]}
     assert {"plain decoding, SDPA", "plain decoding, our kernel", "TriForce"} <= methods
@@ -35,22 +35,11 @@ def test_triforce_e2e_smoke(tmp_path):
         assert set(level["wall_ms"]) == set(result["passes"])   # each pass by its stable key, described once
 
 
-def made_up_stream(tmp_path) -> Path:
-    data = tmp_path / "data"
-    data.mkdir()
-    tokens = np.random.default_rng(0).integers(1, 300, 20_000).astype(np.uint16)
-    np.save(data / "tokens.npy", tokens)
-    (data / "meta.json").write_text(json.dumps({"vocab_size": 300, "tokens": len(tokens), "validation_tokens": 2_000, "eos": 0}))
-    return data
-
-
 def test_triforce_e2e_diagnose_smoke(tmp_path):
     "The diagnose step (issue #21): losses with the whole context and the last 1K, attention shares, a far repeat."
     out = tmp_path / "diagnose.json"
-    proc = subprocess.run([sys.executable, "benchmarks/bench_triforce_e2e.py", "diagnose", "--smoke", "--data",
-                           str(made_up_stream(tmp_path)), "--out", str(out)], cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script(BENCH / "bench_triforce_e2e.py", "diagnose", "--smoke", "--data", made_up_stream(tmp_path), "--out", out,
+               timeout=600)
     result = json.loads(out.read_text())
     assert result["training"]["copy_prob"] > 0 and set(result["contexts"]) == {"256", "512"}
     for row in result["contexts"].values():
@@ -63,11 +52,8 @@ def test_triforce_e2e_diagnose_smoke(tmp_path):
 
 def test_long_range_copies_land_after_the_cut():
     "copy_across_cut writes a passage of the first part into the second part, and nothing else changes."
-    import importlib.util
     import torch
-    spec = importlib.util.spec_from_file_location("e2e", ROOT / "benchmarks" / "bench_triforce_e2e.py")
-    e2e = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(e2e)
+    e2e = load_script(BENCH / "bench_triforce_e2e.py")
     g = torch.Generator().manual_seed(0)
     x = torch.arange(8 * 65).view(8, 65)                 # every token distinct: a copy is visible
     _, cut = e2e.pose_positions(8, 64, 10_000, g)
@@ -89,10 +75,7 @@ def test_long_range_copies_land_after_the_cut():
 def test_triforce_kernel_benchmark_smoke(tmp_path):
     "The kernel benchmark's --smoke path: the gate, SDPA with a causal_lower_right mask, the backend it chose."
     out = tmp_path / "kernel.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "benchmarks/bench_triforce.py", "--smoke", "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script(BENCH / "bench_triforce.py", "--smoke", "--out", out, env=INTERPRET, timeout=600)
     result = json.loads(out.read_text())
     assert result["sdpa_mask"] == "causal_lower_right" and all(r["sdpa_backend"] for r in result["rows"])
 
@@ -100,10 +83,7 @@ def test_triforce_kernel_benchmark_smoke(tmp_path):
 def test_rvq_search_benchmark_smoke(tmp_path):
     "The RVQ search benchmark's --smoke path: every implementation checked against float64 before it is timed, a summary row."
     out = tmp_path / "rvq.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "benchmarks/bench_rvq_search.py", "--smoke", "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script(BENCH / "bench_rvq_search.py", "--smoke", "--out", out, env=INTERPRET, timeout=600)
     result = json.loads(out.read_text())
     assert result["all_checks_passed"] and not result["errors"]
     assert {"kernel tf32", "kernel ieee", "addmm + argmin TF32"} <= {r["impl"] for r in result["rows"]}

@@ -1,23 +1,18 @@
 """benchmarks/melodist_seeds.py, the Melodist headline over several training seeds, on its --smoke path (tiny models,
 two seeds, seconds): the JSON carries its provenance and per-seed, per-song results in the shape the chapter's
 recorded-run section reads; the script reads its preset from the chapter, so it cannot drift from it."""
-import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+from script_runs import INTERPRET_ENV, load_script, run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "melodist_seeds.py"
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 def test_melodist_seeds_smoke(tmp_path):
     out = tmp_path / "seeds.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out)], capture_output=True, text=True,
-                          env=ENV, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_script(SCRIPT, "--smoke", "--out", out, env=INTERPRET_ENV, timeout=600)
     rec = json.loads(out.read_text())
     for key in ("device", "cpu", "threads", "torch", "date", "commit", "args", "config", "codec_gate_passed", "gate",
                 "test_items", "seeds", "complete"):
@@ -38,9 +33,7 @@ def test_melodist_seeds_smoke(tmp_path):
 
 
 def test_presets_come_from_the_chapter():
-    spec = importlib.util.spec_from_file_location("melodist_seeds", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script(SCRIPT)
     presets = mod.chapter_presets()
     assert set(presets) == {"ci", "book", "gpu"}
     assert set(presets["book"]) == set(mod.SMOKE)          # the smoke preset has every key the chapter's has

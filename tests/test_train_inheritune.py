@@ -6,9 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
-import nbformat
 import pytest
-from script_runs import SCRIPT_ENV, run_script
+from script_runs import SCRIPT_ENV, chapter_presets, load_script, run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "train_inheritune.py"
@@ -52,14 +51,8 @@ def test_regime(record):
 
 
 def test_gpu_preset_is_the_chapters():
-    spec = importlib.util.spec_from_file_location("train_inheritune_mod", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    nb = nbformat.read(ROOT / "nbs" / "20_inheritune.ipynb", as_version=4)
-    src = next(c.source for c in nb.cells if c.cell_type == "code" and c.source.startswith("PRESETS = {"))
-    ns = {"FULL_DATA": mod.FULL_DATA}
-    exec(src.split("cfg = pick_scale")[0], ns)
-    gpu = ns["PRESETS"]["gpu"]
+    mod = load_script(SCRIPT)
+    gpu = chapter_presets("20_inheritune.ipynb", FULL_DATA=mod.FULL_DATA)["gpu"]
     assert {k: gpu[k] for k in mod.PRESET} == mod.PRESET
 
 

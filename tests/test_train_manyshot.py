@@ -3,13 +3,12 @@
 the nested shot sets for every task, instance and seed, the baselines at every K and N, addition and fine-tuning;
 and the script's preset is the chapter's."""
 import json
-import sys
 from pathlib import Path
 
 import nbformat
 import pytest
 
-from script_runs import run_script
+from script_runs import chapter_presets, load_script, run_script
 from tinylab.manyshot import shot_counts, unpack_frame
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,19 +68,9 @@ def test_per_item_scores_at_every_k(record):
 
 
 def test_gpu_preset_is_the_chapters():
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import importlib.util
-        spec = importlib.util.spec_from_file_location("train_manyshot_mod", SCRIPT)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    mod = load_script(SCRIPT)
+    assert chapter_presets("30_manyshot.ipynb")["gpu"] == mod.GPU
     nb = nbformat.read(ROOT / "nbs" / "30_manyshot.ipynb", as_version=4)
-    src = next(c.source for c in nb.cells if c.cell_type == "code" and c.source.startswith("PRESETS = {"))
-    ns = {}
-    exec(src.split("cfg = pick_scale")[0], ns)
-    assert ns["PRESETS"]["gpu"] == mod.GPU
     mix = next(c.source for c in nb.cells if c.cell_type == "code" and c.source.startswith("MIX = "))
     assert eval(mix.split("\n")[0].split("=", 1)[1]) == mod.MIX
 

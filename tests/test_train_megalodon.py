@@ -2,14 +2,9 @@
 through the `datasets` stand-in the GPU image needs, and its language-model sizes are the chapter's `gpu` preset."""
 import ast
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import nbformat
-
-ROOT = Path(__file__).resolve().parent.parent
+from script_runs import ROOT, load_script, run_script
 
 
 def chapter_presets() -> dict:
@@ -20,11 +15,7 @@ def chapter_presets() -> dict:
 
 
 def test_gpu_preset_matches_the_chapter():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import train_megalodon
-    finally:
-        sys.path.pop(0)
+    train_megalodon = load_script(ROOT / "benchmarks" / "train_megalodon.py")
     gpu = chapter_presets()["gpu"]
     for key in ("vocab_size", "block_size", "chunk", "d_model", "n_layers", "n_heads", "steps", "batch_size", "lrs"):
         assert train_megalodon.GPU[key] == gpu[key], key
@@ -32,11 +23,8 @@ def test_gpu_preset_matches_the_chapter():
 
 def test_smoke(tmp_path):
     out = tmp_path / "megalodon_smoke.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TINYLAB_FAKE_DATASETS": "1"}
-    proc = subprocess.run([sys.executable, "benchmarks/train_megalodon.py", "run", "--smoke", "--workers", "2",
-                           "--budget-s", "600", "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script(ROOT / "benchmarks" / "train_megalodon.py", "run", "--smoke", "--workers", 2, "--budget-s", 600, "--out", out,
+               timeout=900)
     rec = json.loads(out.read_text())
     assert not rec["errors"] and not rec["missing"], (rec["errors"], rec["missing"])
     for key in ("device", "torch", "triton", "transformers", "date", "commit", "args", "phase_s", "preflight"):

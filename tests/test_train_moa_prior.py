@@ -2,26 +2,16 @@
 checkpoint loads with from_pretrained and carries its provenance) and benchmarks/bench_two_expert_attention.py (tiny
 shapes through the Triton interpreter, every implementation checked, JSON with device, versions, date and args)."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
+from script_runs import INTERPRET_ENV, ROOT, run_script
 
 import tinylab.moa as moa
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-       "TINYLAB_COMMIT": "test-commit"}
-
 
 def run(script, *args):
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
-                         env=ENV, cwd=ROOT, timeout=600)
-    assert out.returncode == 0, out.stdout + out.stderr
-    return out.stdout
+    return run_script(ROOT / "benchmarks" / script, *args, env=INTERPRET_ENV, timeout=600)
 
 
 def test_train_moa_prior_smoke(tmp_path):
@@ -32,7 +22,7 @@ def test_train_moa_prior_smoke(tmp_path):
     for key in ("commit", "script", "args", "steps", "final_loss", "device", "date", "torch", "prediction_type"):
         assert key in prov, key
     assert prov["script"] == "benchmarks/train_moa_prior.py" and prov["steps"] == 3 and prov["args"]["smoke"]
-    assert prov["commit"] == "test-commit" and ddpm.config.prediction_type == prov["prediction_type"] == "v_prediction"
+    assert prov["commit"] == INTERPRET_ENV["TINYLAB_COMMIT"] and ddpm.config.prediction_type == prov["prediction_type"] == "v_prediction"
     assert not any(f.is_dir() for f in folder.iterdir())    # flat: the GPU run returns plain files only
     assert (folder / "diffusion_pytorch_model.safetensors").exists() and (folder / "model.safetensors").exists()
     size = sum(f.stat().st_size for f in folder.iterdir())
@@ -74,7 +64,7 @@ def test_train_moa_personalise_smoke(tmp_path):
     rec = json.loads((out / "moa_personalise_h200.json").read_text())
     for key in ("device", "torch", "date", "commit", "args", "phases", "rows", "per_model", "grid", "prior", "steps_total"):
         assert key in rec, key
-    assert rec["commit"] == "test-commit" and rec["args"]["smoke"]
+    assert rec["commit"] == INTERPRET_ENV["TINYLAB_COMMIT"] and rec["args"]["smoke"]
     rows = {r["variant"]: r for r in rec["rows"]}
     assert set(rows) == {"moa_half", "moa_prior_init", "finetune"}
     for v in ("moa_half", "moa_prior_init"):

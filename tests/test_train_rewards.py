@@ -5,9 +5,8 @@ rates the chapter bootstraps over, the ablations and RL for every pair; and its 
 import json
 from pathlib import Path
 
-import nbformat
 import pytest
-from script_runs import run_script
+from script_runs import chapter_presets, load_script, run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "train_rewards.py"
@@ -67,15 +66,9 @@ def test_two_parts_merge(record, tmp_path):
 
 
 def test_policy_is_the_chapters_book_policy():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("train_rewards_mod", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    nb = nbformat.read(ROOT / "nbs" / "31_rewards.ipynb", as_version=4)
-    src = next(c.source for c in nb.cells if c.cell_type == "code" and c.source.startswith("PRESETS = {"))
-    ns = {}
-    exec(src.split("cfg = pick_scale")[0], ns)
-    assert {k: ns["PRESETS"]["book"][k] for k in mod.POLICY_KEYS} == {k: mod.GPU[k] for k in mod.POLICY_KEYS}
-    shared = set(ns["PRESETS"]["gpu"]) & set(mod.GPU)       # the chapter's gpu row is the script's
-    assert {k: ns["PRESETS"]["gpu"][k] for k in shared} == {k: mod.GPU[k] for k in shared}
+    mod = load_script(SCRIPT)
+    presets = chapter_presets("31_rewards.ipynb")
+    assert {k: presets["book"][k] for k in mod.POLICY_KEYS} == {k: mod.GPU[k] for k in mod.POLICY_KEYS}
+    shared = set(presets["gpu"]) & set(mod.GPU)             # the chapter's gpu row is the script's
+    assert {k: presets["gpu"][k] for k in shared} == {k: mod.GPU[k] for k in shared}
     assert mod.GPU["rm_d_model"] > mod.GPU["d_model"] and mod.GPU["rm_layers"] > mod.GPU["n_layers"]

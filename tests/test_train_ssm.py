@@ -2,21 +2,14 @@
 models through the Triton kernel in its interpreter), a resumed job continues from its checkpoint, and the merged JSON has
 what the chapter reads."""
 import json
-import os
-import subprocess
-import sys
 import tarfile
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from script_runs import INTERPRET_ENV, ROOT, run_script
 
 
 def test_train_ssm_smoke(tmp_path):
     out, work = tmp_path / "ssm.json", tmp_path / "work"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "benchmarks/train_ssm.py", "smoke", "--out", str(out), "--work", str(work)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script(ROOT / "benchmarks" / "train_ssm.py", "smoke", "--out", out, "--work", work, env=INTERPRET_ENV, timeout=600)
     res = json.loads(out.read_text())
     assert not res["errors"], res["errors"]
     jobs = {r["job"]: r for r in res["rows"]}
