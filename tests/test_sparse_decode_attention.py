@@ -149,6 +149,37 @@ def test_bad_inputs(mutate, exc, match):
         sparse_decode_attention_ref(*args)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("splits", [1, 3], ids=["one-split", "3-splits"])
+def test_length_on_the_device_is_the_cut_cache(poison_empty, splits, dtype):
+    """With `length` (for CUDA graphs: one launch at every cache length), each row reads only its first length[b]
+    tokens and its queries are the last of them: the answer on the cache cut to that length, with chunk ids that run
+    past it and past the buffer (-1 padding too)."""
+    q, k, v, idx = make(2, 6, 2, 3, 101, 24, 13, dtype)
+    idx[0, 0, -1] = -1
+    idx = torch.cat([idx, torch.full_like(idx[..., :2], 20)], dim=2)     # chunk 20: past the 101-token buffer
+    n = torch.tensor([77, 3], dtype=torch.int32, device=DEVICE)
+    tri = sparse_decode_attention(q, k, v, idx, num_splits=splits, use_triton=True, check_distinct=False, length=n)
+    ref = sparse_decode_attention_ref(q, k, v, idx, length=n)
+    for b, nb in enumerate(n.tolist()):
+        cut = sparse_decode_attention_ref(q[b:b + 1], k[b:b + 1, :, :nb], v[b:b + 1, :, :nb], idx[b:b + 1])
+        assert_close(f"row {b}, ref", cut, ref[b:b + 1], 1e-5 if dtype == torch.float32 else 1e-2)
+        assert_close(f"row {b}, kernel", cut, tri[b:b + 1], TOL[dtype])
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda n: n.long(), "length must be an int32 tensor"),
+    (lambda n: n[:1], "length must be an int32 tensor"),
+    (lambda n: [5, 5], "length must be an int32 tensor"),
+])
+def test_bad_length(bad, match):
+    q, k, v, idx = make(2, 4, 2, 1, 33, 16, 3, torch.float32)
+    n = torch.tensor([20, 30], dtype=torch.int32, device=DEVICE)
+    for fn in (sparse_decode_attention, sparse_decode_attention_ref):
+        with pytest.raises(ValueError, match=match):
+            fn(q, k, v, idx, length=bad(n))
+
+
 def test_prompt_sized_query_is_refused():
     "2 query heads per kv head x 70 new tokens = 140 rows of one tile: refused with a clear error, not compiled."
     q, k, v, idx = make(1, 4, 2, 70, 100, 16, 13, torch.float32)

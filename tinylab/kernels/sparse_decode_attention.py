@@ -19,7 +19,7 @@ __all__ = ['MAX_ROWS', 'SMEM_BYTES', 'TUNING', 'sparse_decode_attention_ref', 's
 # %% ../../nbs/21a_sparse_decode_attention.ipynb #cell-009
 MAX_ROWS = 128  # query rows (heads per kv head x new tokens) one call may hold
 
-def _check(q, k, v, chunk_idx, chunk_size, scale, num_splits):
+def _check(q, k, v, chunk_idx, chunk_size, scale, num_splits, length=None):
     "Validate the inputs of `sparse_decode_attention`; return (B, H, Hkv, NQ, N, D, M)."
     for name, t in (("q", q), ("k", k), ("v", v), ("chunk_idx", chunk_idx)):
         if not isinstance(t, torch.Tensor):
@@ -61,24 +61,33 @@ def _check(q, k, v, chunk_idx, chunk_size, scale, num_splits):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
+    if length is not None:  # the valid tokens of each row's cache, on the device (its values are not checked: that would wait for it)
+        if not isinstance(length, torch.Tensor) or length.dtype != torch.int32 or tuple(length.shape) != (B,):
+            raise ValueError(f"length must be an int32 tensor [B={B}], got "
+                             f"{tuple(length.shape) if isinstance(length, torch.Tensor) else type(length).__name__}"
+                             f"{' ' + str(length.dtype) if isinstance(length, torch.Tensor) else ''}")
+        if length.device != q.device:
+            raise ValueError(f"length must be on q's device {q.device}, got {length.device}")
     return B, H, Hkv, NQ, N, D, chunk_idx.shape[2]
 
 # %% ../../nbs/21a_sparse_decode_attention.ipynb #cell-011
-def sparse_decode_attention_ref(q, k, v, chunk_idx, chunk_size=8, scale=None, num_splits=None):
+def sparse_decode_attention_ref(q, k, v, chunk_idx, chunk_size=8, scale=None, num_splits=None, length=None):
     """The definition in plain PyTorch (fp32 inside): gather the selected chunks' keys and values, then causal
     softmax attention of the NQ new queries. Same signature as `sparse_decode_attention` (`num_splits` unused)."""
-    B, H, Hkv, NQ, N, D, M = _check(q, k, v, chunk_idx, chunk_size, scale, num_splits)
+    B, H, Hkv, NQ, N, D, M = _check(q, k, v, chunk_idx, chunk_size, scale, num_splits, length)
     G, C = H // Hkv, chunk_size
     scale = D ** -0.5 if scale is None else scale
     # token positions of the selected chunks
     tok = (chunk_idx.long()[..., None] * C + torch.arange(C, device=q.device)).flatten(2)   # (B, Hkv, M*C)
-    valid = (chunk_idx.long() >= 0).repeat_interleave(C, dim=2) & (tok < N)
+    n = torch.full((B,), N, device=q.device) if length is None else length.long().clamp_max(N)     # valid tokens per row
+    valid = (chunk_idx.long() >= 0).repeat_interleave(C, dim=2) & (tok < n[:, None, None])
     idx = tok.clamp(0, N - 1)[..., None].expand(-1, -1, -1, D)
     ks, vs = k.float().gather(2, idx), v.float().gather(2, idx)                            # (B, Hkv, M*C, D)
     qg = q.float().reshape(B, Hkv, G * NQ, D)                                              # (B, Hkv, G*NQ, D)
     logits = scale * qg @ ks.transpose(-1, -2)                                             # (B, Hkv, G*NQ, M*C)
     qi = torch.arange(G * NQ, device=q.device) % NQ                                        # query index in its head
-    visible = valid[:, :, None, :] & (tok[:, :, None, :] <= (N - NQ + qi)[None, None, :, None])
+    last = n[:, None, None] - NQ + qi                                                      # (B, 1, G*NQ): last key seen
+    visible = valid[:, :, None, :] & (tok[:, :, None, :] <= last[..., None])
     w = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
     w = torch.where(visible.any(-1, keepdim=True), w, 0.0)                                 # no key seen -> 0 (a NaN stays NaN)
     return (w @ vs).reshape(B, H, NQ, D).to(q.dtype)
@@ -95,10 +104,13 @@ def sparse_decode_attention_kernel(Q, K, V, IDX, O_PART, LSE_PART,
                                    D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr,
                                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
                                    OUT=None, LOCK=None, stride_ob=0, stride_oh=0, stride_ot=0,
-                                   MERGE: tl.constexpr = False, BLOCK_S: tl.constexpr = 2):
+                                   MERGE: tl.constexpr = False, BLOCK_S: tl.constexpr = 2,
+                                   LENGTH=None, HAS_LENGTH: tl.constexpr = False):
     pid_bh, split = tl.program_id(0), tl.program_id(1)
     b, hk = (pid_bh // Hkv).to(tl.int64), pid_bh % Hkv       # int64: b * stride_kb passes 2**31 in long caches
     n_splits = tl.num_programs(1)
+    if HAS_LENGTH:  # the cache's valid tokens, read on the device: one launch serves every length (CUDA graphs)
+        N = tl.minimum(tl.load(LENGTH + b), N)
     # the R = G*NQ query rows sharing kv head hk: row r is head hk*G + r//NQ, new token r % NQ
     rows = tl.arange(0, BLOCK_R)
     row_ok = rows < R
@@ -243,7 +255,7 @@ def _scratch(device: torch.device, n_counters: int, n_floats: int) -> tuple[torc
 
 
 def sparse_decode_attention(q, k, v, chunk_idx, chunk_size=8, scale=None, num_splits=None, use_triton=None,
-                            check_distinct=True):
+                            check_distinct=True, length=None):
     """Attention of the NQ newest tokens over selected chunks of a KV cache, read in place (no gather copy).
 
     q: [B, H, NQ, D]; k, v: [B, Hkv, N, D] with Hkv dividing H (any strides, last dim contiguous: a view of a
@@ -254,8 +266,11 @@ def sparse_decode_attention(q, k, v, chunk_idx, chunk_size=8, scale=None, num_sp
     tensors and the reference elsewhere; True also runs Triton on CPU tensors under TRITON_INTERPRET=1.
     `num_splits`: the split-KV factor (default: one wave of programs over the GPU). `check_distinct`: refuse a chunk
     named twice (it would count twice); callers whose ids are distinct by construction may skip the check, which
-    waits for the GPU. On a GPU, a shape whose tiles cannot fit in shared memory is refused before compiling."""
-    B, H, Hkv, NQ, N, D, M = _check(q, k, v, chunk_idx, chunk_size, scale, num_splits)
+    waits for the GPU. On a GPU, a shape whose tiles cannot fit in shared memory is refused before compiling.
+    `length`: an int32 tensor [B] on q's device, the valid tokens of each row's cache (at most N): the queries are
+    then its last NQ valid tokens, and nothing at or past it is read. One launch then serves a cache at every length,
+    as a CUDA graph replaying a decoding step needs (default: all N tokens are valid)."""
+    B, H, Hkv, NQ, N, D, M = _check(q, k, v, chunk_idx, chunk_size, scale, num_splits, length)
     if check_distinct and M > 1:
         ids = chunk_idx.sort(-1).values
         if ((ids[..., 1:] == ids[..., :-1]) & (ids[..., 1:] >= 0)).any():
@@ -267,7 +282,7 @@ def sparse_decode_attention(q, k, v, chunk_idx, chunk_size=8, scale=None, num_sp
     if use_triton and not (q.is_cuda or _interpreting()):
         raise ValueError(f"use_triton=True needs CUDA tensors or TRITON_INTERPRET=1, got device {q.device}")
     if not use_triton:
-        return sparse_decode_attention_ref(q, k, v, chunk_idx, chunk_size, scale, num_splits)
+        return sparse_decode_attention_ref(q, k, v, chunk_idx, chunk_size, scale, num_splits, length)
     R = (H // Hkv) * NQ
     scale = D ** -0.5 if scale is None else float(scale)
     BLOCK_C = max(1, (TUNING["block_tokens"] if q.is_cuda else 16) // chunk_size)   # chunks per step (>= 16 rows for tl.dot)
@@ -306,7 +321,7 @@ def sparse_decode_attention(q, k, v, chunk_idx, chunk_size=8, scale=None, num_sp
         D=D, CHUNK=chunk_size, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, DOT_FP32=dot_fp32,
         OUT=out, LOCK=counters if merge else o_part, stride_ob=out.stride(0),
         stride_oh=out.stride(1), stride_ot=out.stride(2), MERGE=merge, BLOCK_S=BLOCK_S,
-        num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"])
+        LENGTH=length, HAS_LENGTH=length is not None, num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"])
     if not merge:
         combine_splits_kernel[(B * Hkv * R,)](
             o_part, lse_part, out, out.stride(0), out.stride(1), out.stride(2), Hkv, NQ, R, num_splits,
