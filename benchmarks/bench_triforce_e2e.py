@@ -11,14 +11,16 @@ Two steps, from the repository root:
 Llama (12 layers, 1024 wide, full multi-head attention, so every token adds 48 KiB of bf16 KV cache) and a
 2-layer draft on the stream for a few minutes, with PoSE position skips (Zhu et al., arXiv 2309.10400) so that
 1K-token training windows cover relative distances up to the longest context; then, at each context length,
-it decodes the same prompts with
-  - plain decoding, the model's own attention (SDPA) reading the full cache,
-  - plain decoding through the chapter's kernel over all chunks (`autoregressive_generate`),
-  - TriForce (`triforce_generate`): draft with a StreamingLLM cache -> target on a 4K retrieval cache -> target
-    on the full cache, the paper's gamma1 = 2, gamma2 = 6, chunks of 8,
-and reports decoding time (prefill excluded), tokens per second, acceptance rates and the speedup; plus what explains
-it: each level's forward cost on the wall clock and in GPU kernel time, the share of the newest token's attention the
-retrieval cache holds, and the target's loss with the whole context against its last 1K tokens. `--smoke` runs tiny
+it decodes two prompts (held-out text, and a far repeat whose continuation is a passage from the prompt's start)
+at temperature 0 and 0.6 with
+  - plain decoding as CUDA graphs over a static cache, reading it with the chapter's kernel or with SDPA,
+  - TriForce as CUDA graphs (`cuda_graphs=True`): draft with a StreamingLLM cache -> target on a 4K retrieval
+    cache -> target on the full cache, the paper's gamma1 = 2, gamma2 = 6, chunks of 8,
+  - both eagerly (no graphs) at two contexts, to show what the graphs remove,
+and reports decoding time (prefill and graph capture excluded), acceptance rates and whether greedy outputs equal
+plain decoding's; plus what explains it: each level's step cost (wall clock per call and the graph's GPU time), the
+share of the newest token's attention the retrieval cache holds, and the target's loss with the whole context
+against its last 1K tokens. `--smoke` runs tiny
 sizes on any device.
 """
 from __future__ import annotations
@@ -37,17 +39,21 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tinylab.core import benchmark
-from tinylab.triforce import (FlatKVCache, TriForceConfig, _forward, _now, _prefill, _triforce_attention, autoregressive_generate,
-                              retrieval_selection, streaming_selection, triforce_generate)
+from tinylab.triforce import (FlatKVCache, GraphLevels, TriForceConfig, _forward, _prefill, _triforce_attention,
+                              autoregressive_generate, retrieval_selection, triforce_generate)
 
 SIZES = {  # target, draft, training and decoding settings; "smoke" checks the script anywhere in a minute
-    "full":  dict(d=1024, layers=12, heads=8, draft_d=256, draft_layers=2, draft_heads=4, window=1024, batch=16,
-                  steps=700, draft_steps=500, lr=6e-4, contexts=[16384, 65536, 262144, 524288], new_tokens=128,
-                  prompts=2, budget=4096, sinks=16, draft_window=240, copy_prob=0.5, copy_len=(32, 256),
-                  passage=320, cue=32),
+    # the target: 4 wide layers, so that a step's cost is its weights and KV reads rather than its kernel count
+    # (12 layers of 1024, the earlier target, cost ~1.4 ms a step in kernels alone, at any context)
+    "full":  dict(d=2048, layers=4, heads=16, draft_d=256, draft_layers=2, draft_heads=4, window=4096, batch=8,
+                  steps=400, draft_steps=500, lr=6e-4, contexts=[16384, 65536, 131072, 262144, 524288], new_tokens=128,
+                  budget=4096, sinks=16, draft_window=240, copy_prob=0.5, copy_len=(32, 256),
+                  copy_random=True, passage=320, cue=32, temperatures=[0.0, 0.6], eager_contexts=[16384, 131072],
+                  refresh_every=10**9),
     "smoke": dict(d=64, layers=2, heads=2, draft_d=32, draft_layers=1, draft_heads=2, window=64, batch=4,
                   steps=20, draft_steps=10, lr=3e-3, contexts=[256, 512], new_tokens=12,
-                  prompts=1, budget=64, sinks=8, draft_window=32, copy_prob=0.5, copy_len=(4, 16), passage=40, cue=8),
+                  budget=64, sinks=8, draft_window=32, copy_prob=0.5, copy_len=(4, 16), copy_random=True,
+                  passage=40, cue=8, temperatures=[0.0, 0.6], eager_contexts=[256], refresh_every=10**9),
 }
 
 
@@ -86,10 +92,13 @@ def pose_positions(batch: int, window: int, max_pos: int, g: torch.Generator) ->
     return pos + (pos >= cut) * skip, cut[:, 0]
 
 
-def copy_across_cut(x: torch.Tensor, cut: torch.Tensor, prob: float, lengths: tuple[int, int], g: torch.Generator):
+def copy_across_cut(x: torch.Tensor, cut: torch.Tensor, prob: float, lengths: tuple[int, int], g: torch.Generator,
+                    vocab: int | None = None):
     """Long-range repeats: in a share `prob` of the windows, a passage of the first part (before the PoSE cut) is
     written again into the second part, whose positions lie far ahead, so the loss on the repeat rewards reading
-    far back by content (an induction head over any distance). `x` [batch, window + 1] is changed in place."""
+    far back by content (an induction head over any distance). With `vocab`, the passage is first replaced by
+    random tokens (a needle no text statistics predict: only a copy does, and a corpus cannot be memorised around
+    it). `x` [batch, window + 1] is changed in place."""
     lo, hi = lengths
     for row in range(x.shape[0]):
         L = int(torch.randint(lo, hi + 1, (), generator=g))
@@ -98,14 +107,16 @@ def copy_across_cut(x: torch.Tensor, cut: torch.Tensor, prob: float, lengths: tu
             continue
         src = int(torch.randint(0, c - L + 1, (), generator=g))
         dst = int(torch.randint(c, x.shape[1] - L + 1, (), generator=g))
+        if vocab is not None:
+            x[row, src:src + L] = torch.randint(0, vocab, (L,), generator=g)
         x[row, dst:dst + L] = x[row, src:src + L].clone()
     return x
 
 
 def train(model, tokens: torch.Tensor, steps: int, batch: int, window: int, lr: float, max_pos: int, seed: int, dev,
-          copy_prob: float = 0.0, copy_len: tuple[int, int] = (32, 256)) -> list:
+          copy_prob: float = 0.0, copy_len: tuple[int, int] = (32, 256), copy_random: bool = False) -> list:
     """AdamW, bf16 autocast, cosine schedule; random windows of the training stream with PoSE positions, and in a
-    share `copy_prob` of them a long-range repeat (`copy_across_cut`). Returns losses."""
+    share `copy_prob` of them a long-range repeat (`copy_across_cut`; of random tokens with `copy_random`). Returns losses."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, fused=dev.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / steps)))
@@ -114,7 +125,8 @@ def train(model, tokens: torch.Tensor, steps: int, batch: int, window: int, lr: 
         start = torch.randint(0, len(tokens) - window - 1, (batch,), generator=g)
         x = torch.stack([tokens[s:s + window + 1] for s in start.tolist()])
         pos, cut = pose_positions(batch, window, max_pos, g)
-        x, pos = copy_across_cut(x, cut, copy_prob, copy_len, g).to(dev), pos.to(dev)
+        vocab = model.config.vocab_size if copy_random else None
+        x, pos = copy_across_cut(x, cut, copy_prob, copy_len, g, vocab).to(dev), pos.to(dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             logits = model(input_ids=x[:, :-1], position_ids=pos).logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
@@ -125,46 +137,6 @@ def train(model, tokens: torch.Tensor, steps: int, batch: int, window: int, lr: 
         if step % 100 == 0 or step == steps - 1:
             print(f"  step {step:4d} loss {loss.item():.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     return losses
-
-
-@torch.no_grad()
-def sdpa_generate(model, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float]:
-    """Plain greedy decoding with the model's own attention over a FlatKVCache. Returns (new tokens, decode seconds).
-    The decoding runs twice from the same prefill and the second is timed: on the H100 the first decode at each
-    context length ran several times slower. Whether that is a one-off set-up or a cost SDPA pays at every new cache
-    length (the second decode sees the same lengths again) this does not tell; the chapter says so."""
-    prompt = ids.tolist()
-    cache = FlatKVCache(model, len(prompt) + new_tokens)
-    _forward(model, prompt[:-1], cache)
-
-    def decode():
-        cache.crop(len(prompt) - 1)
-        seq, t0 = list(prompt), _now(model)
-        logits = _forward(model, seq[-1:], cache)[-1]
-        for _ in range(new_tokens):
-            seq.append(int(logits.argmax()))
-            if len(seq) - len(prompt) < new_tokens:
-                logits = _forward(model, seq[-1:], cache)[-1]
-        return torch.tensor(seq[len(prompt):]), _now(model) - t0
-
-    decode()
-    return decode()
-
-
-def gpu_busy_ms(fns: dict, repeats: int = 5) -> dict:
-    """Milliseconds the GPU spends running kernels (and copies) per call of each function, from the profiler's
-    device timeline. Unlike the wall clock, this leaves out Python and launch overhead: it is what a step
-    would cost with that overhead gone (CUDA graphs, as the paper uses), but for the gaps between kernels."""
-    busy = {}
-    for name, fn in fns.items():
-        fn(); torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(repeats):
-                fn()
-            torch.cuda.synchronize()
-        busy[name] = sum(e.time_range.elapsed_us() for e in prof.events()
-                         if e.device_type == torch.autograd.DeviceType.CUDA) / repeats / 1e3
-    return busy
 
 
 def attention_share(queries: dict, cache: FlatKVCache, n: int, selection) -> dict:
@@ -202,48 +174,75 @@ def context_loss(model, ids: list[int], tail: int = 256, short: int = 1024) -> d
 
 
 def level_passes(tf: TriForceConfig) -> dict:
-    "The forward passes whose cost is measured at each context, by the stable keys the JSON uses, with what each one is."
+    "The steps whose cost is measured at each context, by the stable keys the JSON uses, with what each one is."
     return {"draft": "draft, 1 token (StreamingLLM cache)", "middle": f"target, {tf.gamma1 + 1} tokens, retrieval cache",
-            "full1": "target, 1 token, full cache", "check": f"target, {tf.gamma2 + 1} tokens, full cache",
-            "build": "retrieval cache build (all layers)"}
+            "full1": "target, 1 token, full cache (chunk kernel)", "full1_sdpa": "target, 1 token, full cache (SDPA)",
+            "check": f"target, {tf.gamma2 + 1} tokens, full cache", "rebuild": "retrieval cache rebuild (all layers)"}
 
 
-def _one_pass(model, cache: FlatKVCache, tokens: list[int], select):
-    "A forward pass of `tokens` that leaves `cache` as it found it (the tokens are appended, then rolled back)."
-    n0 = cache.get_seq_length()
-    return lambda: (_forward(model, tokens, cache, select=select), cache.crop(n0))
+def attention_at_end(target, ids: list[int], tf: TriForceConfig) -> dict:
+    "Where the newest token's attention goes, on `ids` (`attention_share`, against the retrieval cache of that token)."
+    full, record = FlatKVCache(target, len(ids) + 1), {}
+    _prefill(target, ids, full, record)
+    n, queries = full.get_seq_length(), {layer: q[:, :, -1] for layer, q in record.items()}
+    return attention_share(queries, full, n, retrieval_selection(queries, full, n, tf.budget, tf.chunk_size))
 
 
 @torch.no_grad()
 def level_costs(target, draft, ids: list[int], tf: TriForceConfig, dev) -> dict:
-    """Milliseconds of one forward pass of each level at this context (keyed as `level_passes` says): wall clock
-    (median of 5, `tinylab.core.benchmark`) and, on a GPU, kernel time; and where the newest token's attention goes."""
+    """Milliseconds of each level's step (keyed as `level_passes` says) as the decoding loop calls it, a CUDA graph
+    replayed over static caches: wall clock per call (median, `tinylab.core.benchmark`, input copy included) and,
+    on a GPU, the graph's own GPU time (`triton.testing.do_bench` of its replay)."""
     full, dcache = FlatKVCache(target, len(ids) + 16), FlatKVCache(draft, len(ids) + 16)
     record = {}
     _prefill(target, ids, full, record); _forward(draft, ids[:-1], dcache)
-    with _triforce_attention(target, draft):
-        n, queries = full.get_seq_length(), {l: q[:, :, -1] for l, q in record.items()}
-        retrieval = retrieval_selection(queries, full, n, tf.budget, tf.chunk_size)
-        streaming = streaming_selection(dcache.get_seq_length(), len(dcache.k), 1, dcache.k[0].shape[1], tf.sinks, tf.window,
-                                        tf.chunk_size, dev)
-        fns = {"draft": _one_pass(draft, dcache, [1], streaming),
-               "middle": _one_pass(target, full, [1] * (tf.gamma1 + 1), retrieval),
-               "full1": _one_pass(target, full, [1], None),
-               "check": _one_pass(target, full, [1] * (tf.gamma2 + 1), None),
-               "build": lambda: retrieval_selection(queries, full, n, tf.budget, tf.chunk_size)}
-        costs = {"wall_ms": benchmark(fns, warmup=1, repeats=5, device=dev)["ms"].to_dict(),
-                 "attention_share": attention_share(queries, full, n, retrieval)}
+    n, nd = full.get_seq_length(), dcache.get_seq_length()
+    with GraphLevels(target, draft, full, dcache, tf) as levels, GraphLevels(target, draft, full, dcache, tf, sdpa=True) as sdpa, \
+            _triforce_attention(target, draft):
+        levels.rebuild(-1, record)
+        fns = {"draft": lambda: (levels.draft([1]), dcache.crop(nd)),
+               "middle": lambda: (levels.middle([1] * (tf.gamma1 + 1)), full.crop(n)),
+               "full1": lambda: (levels.full([1]), full.crop(n)),
+               "full1_sdpa": lambda: (sdpa.full([1]), full.crop(n)),
+               "check": lambda: (levels.full([1] * (tf.gamma2 + 1)), full.crop(n)),
+               "rebuild": lambda: levels.rebuild(0)}          # from the check's queries (the last full pass)
+        costs = {"wall_ms": benchmark(fns, warmup=2, repeats=20, device=dev)["ms"].to_dict()}
         if dev.type == "cuda":
-            costs["gpu_busy_ms"] = gpu_busy_ms(fns)
-        return costs
+            from triton.testing import do_bench
+            graphs = {"draft": levels.graphs[("draft", 1)], "middle": levels.graphs[("middle", tf.gamma1 + 1)],
+                      "full1": levels.graphs[("full", 1)], "full1_sdpa": sdpa.graphs[("full", 1)],
+                      "check": levels.graphs[("full", tf.gamma2 + 1)], "rebuild": levels.graphs[("rebuild", tf.gamma2 + 1)]}
+            costs["gpu_ms"] = {k: do_bench(g.graph.replay, warmup=3, rep=40, return_mode="median") for k, g in graphs.items()}
+    return costs
 
 
 def show(row: dict):
     "One measured row, printed as it comes."
-    line = f"{row['context']:>7} {row['method']:<40} {row['new_tokens'] / row['decode_s']:7.1f} tok/s, prefill {row.get('prefill_s', 0):6.2f} s"
+    line = (f"{row['context']:>7} {row['prompt']:<13} T={row['temperature']:<3} {row['method']:<34} "
+            f"{row['new_tokens'] / row['decode_s']:7.1f} tok/s")
     if "draft_acceptance" in row:
         line += f", accepted {row['draft_acceptance']:.2f} / {row['middle_acceptance']:.2f}, {row['tokens_per_round']:.2f} tokens per check"
+    if "same_as_plain" in row:
+        line += f", same as plain: {row['same_as_plain']}"
     print(line, flush=True)
+
+
+METHODS = {  # stable keys of the decoding methods in the JSON -> what each is
+    "plain_sdpa": "plain decoding, SDPA, CUDA graphs",
+    "plain": "plain decoding, chunk kernel, CUDA graphs",
+    "triforce": "TriForce, CUDA graphs",
+    "triforce_streaming": "TriForce with StreamingLLM at level 2 (the ablation), CUDA graphs",
+    "plain_eager": "plain decoding, chunk kernel, eager",
+    "triforce_eager": "TriForce, eager",
+}
+
+
+def _free(dev):
+    "Give back the memory of the last generation's caches and graphs before the next allocates its own."
+    import gc
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def build_and_train(data: Path, S: dict, seed: int, dev: torch.device) -> dict:
@@ -262,7 +261,7 @@ def build_and_train(data: Path, S: dict, seed: int, dev: torch.device) -> dict:
     print(f"{device}; target {sum(p.numel() for p in target.parameters()) / 1e6:.1f}M, "
           f"draft {sum(p.numel() for p in draft.parameters()) / 1e6:.2f}M parameters", flush=True)
     t0 = time.perf_counter()
-    copies = dict(copy_prob=S["copy_prob"], copy_len=tuple(S["copy_len"]))
+    copies = dict(copy_prob=S["copy_prob"], copy_len=tuple(S["copy_len"]), copy_random=S["copy_random"])
     print("training the target"); tl = train(target, train_tokens, S["steps"], S["batch"], S["window"], S["lr"], max_pos, seed, dev, **copies)
     print("training the draft"); dl = train(draft, train_tokens, S["draft_steps"], S["batch"], S["window"], 3 * S["lr"], max_pos, seed + 1, dev, **copies)
     train_seconds = time.perf_counter() - t0
@@ -280,7 +279,7 @@ def build_and_train(data: Path, S: dict, seed: int, dev: torch.device) -> dict:
                               kv_bytes_per_token=2 * S["layers"] * S["d"] * torch.finfo(dtype).bits // 8),
                   draft=dict(layers=S["draft_layers"], d_model=S["draft_d"], params=sum(p.numel() for p in draft.parameters())),
                   training=dict(steps=S["steps"], draft_steps=S["draft_steps"], batch=S["batch"], window=S["window"],
-                                copy_prob=S["copy_prob"], copy_len=list(S["copy_len"]),
+                                copy_prob=S["copy_prob"], copy_len=list(S["copy_len"]), copy_random=S["copy_random"],
                                 final_loss=float(np.mean(tl[-20:])), draft_final_loss=float(np.mean(dl[-20:])),
                                 seconds=train_seconds, validation_loss=val))
     return dict(target=target, draft=draft, tokens=tokens, n_val=n_val, record=record)
@@ -293,14 +292,14 @@ def held_out_prompt(tokens: torch.Tensor, n_val: int, ctx: int, p: int, prompts:
     return torch.cat([tokens[:ctx - len(ids)], ids]) if len(ids) < ctx else ids
 
 
-def repeat_prompt(ids: torch.Tensor, passage: int, cue: int) -> tuple[torch.Tensor, torch.Tensor]:
+def repeat_prompt(ids: torch.Tensor, passage: int, cue: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A prompt whose continuation is far back: a `passage`-token passage from the first 5% of `ids` is repeated at
     the end, cut after its first `cue` tokens. Returns (prompt [ctx], the passage's rest, which a model that reads
-    its whole context can copy). The text loss of `context_loss` on (prompt minus cue + whole passage) measures it."""
+    its whole context can copy, and the prompt with the whole passage, on whose end `context_loss` measures it)."""
     ctx = len(ids)
     a = ctx // 20
     src = ids[a:a + passage]
-    return torch.cat([ids[:ctx - cue], src[:cue]]), src[cue:]
+    return torch.cat([ids[:ctx - cue], src[:cue]]), src[cue:], torch.cat([ids[:ctx - cue], src])
 
 
 def run(data: Path, out: Path | None, size: str, seed: int = 0, **overrides):
@@ -308,38 +307,72 @@ def run(data: Path, out: Path | None, size: str, seed: int = 0, **overrides):
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     built = build_and_train(data, S, seed, dev)
     target, draft, tokens, n_val = built["target"], built["draft"], built["tokens"], built["n_val"]
-
-    tf = TriForceConfig(budget=S["budget"], sinks=S["sinks"], window=S["draft_window"])
-    variants = {"TriForce": tf, "TriForce, retrieval cache built once": TriForceConfig(
-        budget=S["budget"], sinks=S["sinks"], window=S["draft_window"], refresh_every=10**9)}
+    # the retrieval cache is selected once, from the prompt, and the new tokens are appended to it, as the official
+    # code does (its graph cache is initialised after the prefill and only updated with new tokens)
+    tf = TriForceConfig(budget=S["budget"], sinks=S["sinks"], window=S["draft_window"], refresh_every=S["refresh_every"])
     t0 = time.perf_counter()
     autoregressive_generate(target, tokens[:300], 40); triforce_generate(target, draft, tokens[:300], 40, tf)  # compile the kernels
     print(f"warm-up {time.perf_counter() - t0:.1f} s", flush=True)
-    rows, costs = [], {}
+    result = dict(**built["record"], date=datetime.now(timezone.utc).strftime("%Y-%m-%d"), size=size, step="run",
+                  triforce=dict(gamma1=tf.gamma1, gamma2=tf.gamma2, budget=tf.budget, chunk_size=tf.chunk_size,
+                                sinks=tf.sinks, window=tf.window, refresh_every=tf.refresh_every),
+                  max_new_tokens=S["new_tokens"],
+                  methods=METHODS, passes=level_passes(tf), repeat=dict(passage=S["passage"], cue=S["cue"]),
+                  rows=[], levels={})
+    rows = result["rows"]
     for ctx in S["contexts"]:
-        for p in range(S["prompts"] if ctx < max(S["contexts"]) else 1):   # one prompt at the longest, for time
-            ids = held_out_prompt(tokens, n_val, ctx, p, S["prompts"])   # the prompt ends in held-out text
-            n = S["new_tokens"]
-            ref, t_sdpa = sdpa_generate(target, ids.to(dev), n)
-            rows.append(dict(context=ctx, prompt=p, method="plain decoding, SDPA", new_tokens=n, decode_s=t_sdpa)); show(rows[-1])
-            plain, st = autoregressive_generate(target, ids, n)
-            rows.append(dict(context=ctx, prompt=p, method="plain decoding, our kernel", new_tokens=st.new_tokens,
-                             decode_s=st.decode_seconds, prefill_s=st.prefill_seconds, same_as_sdpa=bool(torch.equal(plain[ctx:], ref.cpu())))); show(rows[-1])
-            for name, cfg in variants.items():
-                fast, st = triforce_generate(target, draft, ids, n, cfg)
-                rows.append(dict(context=ctx, prompt=p, method=name, new_tokens=st.new_tokens, decode_s=st.decode_seconds,
-                                 prefill_s=st.prefill_seconds, draft_acceptance=st.draft_acceptance,
-                                 middle_acceptance=st.middle_acceptance, tokens_per_round=st.tokens_per_round,
-                                 rounds=st.rounds, draft_proposed=st.draft_proposed, middle_proposed=st.middle_proposed,
-                                 same_as_plain=bool(torch.equal(fast, plain)))); show(rows[-1])
-        costs[ctx] = {**level_costs(target, draft, ids.tolist(), tf, dev), "loss": context_loss(target, ids.tolist())}
-        print(f"  level costs and diagnostics: {costs[ctx]}", flush=True)
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-        result = dict(**built["record"], date=datetime.now(timezone.utc).strftime("%Y-%m-%d"), size=size,
-                      triforce=dict(gamma1=tf.gamma1, gamma2=tf.gamma2, budget=tf.budget, chunk_size=tf.chunk_size,
-                                    sinks=tf.sinks, window=tf.window, temperature=tf.temperature),
-                      passes=level_passes(tf), rows=rows, levels={str(k): v for k, v in costs.items()})
+        text = held_out_prompt(tokens, n_val, ctx, 0, 1)
+        repeat, rest, with_passage = repeat_prompt(text, S["passage"], S["cue"])
+        prompts = {"held-out text": text, "far repeat": repeat}
+        if ctx == max(S["contexts"]) and len(S["contexts"]) > 1:   # the longest: the far repeat only (prefills take the time)
+            del prompts["held-out text"]
+        for kind, ids in prompts.items():
+            for T in S["temperatures"]:
+                gen = lambda: torch.Generator().manual_seed(seed)   # the same random numbers for every method
+                n = S["new_tokens"]
+                runs = {"plain": lambda: autoregressive_generate(target, ids, n, T, gen(), cuda_graphs=True),
+                        "triforce": lambda: triforce_generate(target, draft, ids, n, TriForceConfig(**{**tf.__dict__, "temperature": T}),
+                                                              gen(), cuda_graphs=True),
+                        "plain_sdpa": lambda: autoregressive_generate(target, ids, n, T, gen(), cuda_graphs=True, sdpa=True)}
+                if T == 0:
+                    runs["triforce_streaming"] = lambda: triforce_generate(
+                        target, draft, ids, n, TriForceConfig(**{**tf.__dict__, "middle": "streaming"}), cuda_graphs=True)
+                    if ctx in S["eager_contexts"]:
+                        runs["plain_eager"] = lambda: autoregressive_generate(target, ids, n, T)
+                        runs["triforce_eager"] = lambda: triforce_generate(target, draft, ids, n, tf)
+                outputs = {}
+                for method, fn in runs.items():
+                    seq, st = fn()
+                    outputs[method] = seq
+                    row = dict(context=ctx, prompt=kind, temperature=T, method=method, new_tokens=st.new_tokens,
+                               decode_s=st.decode_seconds, prefill_s=st.prefill_seconds, setup_s=st.setup_seconds)
+                    if method.startswith("triforce"):
+                        row.update(draft_acceptance=st.draft_acceptance, middle_acceptance=st.middle_acceptance,
+                                   tokens_per_round=st.tokens_per_round, rounds=st.rounds, draft_proposed=st.draft_proposed,
+                                   middle_proposed=st.middle_proposed)
+                    if T == 0 and method != "plain":
+                        row["same_as_plain"] = bool(torch.equal(seq, outputs["plain"]))
+                    if kind == "far repeat":
+                        row["copied"] = int((seq[ctx:ctx + len(rest)] == rest[:len(seq) - ctx]).sum())
+                    rows.append(row); show(row)
+                    del seq; _free(dev)
+                if T == 0 and not torch.equal(outputs["triforce"], outputs["plain"]):   # where they part, how close the top two were
+                    fast, plain = outputs["triforce"], outputs["plain"]
+                    i = int((fast[:len(plain)] != plain[:len(fast)]).nonzero()[0])
+                    with torch.no_grad():
+                        top2 = target(input_ids=plain[None, :i].to(dev)).logits[0, -1].float().topk(2).values
+                    rows[-len(runs) + 1].update(first_difference=i - ctx, top2_logit_gap_there=float(top2[0] - top2[1]))
+                    _free(dev)
+        result["levels"][str(ctx)] = {**level_costs(target, draft, text.tolist(), tf, dev),
+                                      "attention_share": attention_at_end(target, text.tolist(), tf),
+                                      "attention_share_far_repeat": attention_at_end(target, repeat.tolist(), tf),
+                                      "loss": context_loss(target, text.tolist()),
+                                      "loss_far_repeat": context_loss(target, with_passage.tolist(), tail=S["passage"] - S["cue"])}
+        print(f"  level costs and diagnostics: {result['levels'][str(ctx)]}", flush=True)
+        _free(dev)
+        if dev.type == "cuda":                             # what stays allocated between contexts (the models, ideally)
+            result["levels"][str(ctx)]["allocated_gib_after"] = torch.cuda.memory_allocated(dev) / 2**30
+            print(f"  {torch.cuda.memory_allocated(dev) / 2**30:.1f} GiB allocated after {ctx}", flush=True)
         if out is not None:                                # after every context, so a cut-off run keeps what it measured
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(result, indent=1))
@@ -362,12 +395,11 @@ def diagnose(data: Path, out: Path | None, size: str, seed: int = 0, **overrides
                                 sinks=tf.sinks, window=tf.window), repeat=dict(passage=S["passage"], cue=S["cue"]), contexts={})
     for ctx in S["contexts"]:
         text = held_out_prompt(tokens, n_val, ctx, 0, 1)
-        prompt, rest = repeat_prompt(text, S["passage"], S["cue"])
-        with_passage = torch.cat([prompt[:-S["cue"]], text[ctx // 20:ctx // 20 + S["passage"]]])
+        prompt, rest, with_passage = repeat_prompt(text, S["passage"], S["cue"])
         row = {"loss, held-out text": context_loss(target, text.tolist()),
                "loss, far repeat": context_loss(target, with_passage.tolist(), tail=S["passage"] - S["cue"]),
-               "attention share, held-out text": level_costs(target, draft, text.tolist(), tf, dev)["attention_share"],
-               "attention share, far repeat": level_costs(target, draft, prompt.tolist(), tf, dev)["attention_share"]}
+               "attention share, held-out text": attention_at_end(target, text.tolist(), tf),
+               "attention share, far repeat": attention_at_end(target, prompt.tolist(), tf)}
         n = min(S["new_tokens"], len(rest))
         plain, st_plain = autoregressive_generate(target, prompt, n)
         fast, st = triforce_generate(target, draft, prompt, n, tf)
@@ -400,10 +432,16 @@ if __name__ == "__main__":
     ap.add_argument("--steps", type=int, help="override the target's (and draft's) training steps")
     ap.add_argument("--new-tokens", type=int, help="override the tokens generated per prompt")
     ap.add_argument("--copy-prob", type=float, help="override the share of training windows with a long-range repeat")
+    ap.add_argument("--layers", type=int, help="override the target's layers")
+    ap.add_argument("--d-model", type=int, help="override the target's width")
+    ap.add_argument("--heads", type=int, help="override the target's heads")
+    ap.add_argument("--window", type=int, help="override the training window (tokens)")
+    ap.add_argument("--batch", type=int, help="override the training batch (windows)")
     args = ap.parse_args()
     if args.step == "prepare":
         prepare(args.data)
     else:
         (run if args.step == "run" else diagnose)(args.data, args.out, "smoke" if args.smoke else "full",
                                                   contexts=args.contexts, steps=args.steps, draft_steps=args.steps,
-                                                  new_tokens=args.new_tokens, copy_prob=args.copy_prob)
+                                                  new_tokens=args.new_tokens, copy_prob=args.copy_prob, layers=args.layers,
+                                                  d=args.d_model, heads=args.heads, window=args.window, batch=args.batch)

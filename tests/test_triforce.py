@@ -5,9 +5,9 @@ import torch
 
 from tinylab.core import FAILS, HOLDS, INCONCLUSIVE
 from tinylab.lm import build_model, tiny_config
-from tinylab.triforce import (ChunkSelection, DecodeStats, FlatKVCache, TriForceConfig, autoregressive_generate,
+from tinylab.triforce import (ChunkSelection, DecodeStats, FlatKVCache, GraphLevels, TriForceConfig, autoregressive_generate,
                               chunk_scores, distribution_outcome, lossless_outcome, retrieval_selection,
-                              speculative_accept, streaming_selection, to_probs, triforce_generate)
+                              speculative_accept, streaming_chunks, streaming_selection, to_probs, triforce_generate)
 
 V = 48
 
@@ -217,6 +217,57 @@ def test_greedy_is_lossless(models, cfg):
         assert torch.equal(ours, plain) and torch.equal(plain, hf)
         assert stats.new_tokens == 15 and stats.rounds >= 1
         assert 0 <= stats.draft_acceptance <= 1 and 0 <= stats.middle_acceptance <= 1
+
+
+@pytest.mark.parametrize("cfg", [
+    TriForceConfig(budget=16, window=16),
+    TriForceConfig(budget=24, window=8, sinks=8, gamma1=3, gamma2=5, refresh_every=10**9),
+    TriForceConfig(budget=16, window=16, middle="streaming"),
+    TriForceConfig(budget=8, window=16, refresh_every=3, chunk_size=4),
+], ids=["paper-gammas", "gamma3x5-built-once", "streaming-middle", "chunk4-refresh3"])
+def test_fixed_shape_steps_are_lossless(models, cfg):
+    """`cuda_graphs=True` (run eagerly on a CPU: the same fixed-shape steps a GPU captures): greedy output identical
+    to plain decoding's, the plain baseline's fixed-shape steps too, with the chunk kernel and with SDPA; and with
+    the retrieval cache at level 2, the same acceptance counts as the eager passes."""
+    target, draft = models
+    for seed in range(2):
+        ids = prompt(40 + 13 * seed, seed)
+        plain, _ = autoregressive_generate(target, ids, 15)
+        ours, stats = triforce_generate(target, draft, ids, 15, cfg, cuda_graphs=True)
+        assert torch.equal(ours, plain) and stats.new_tokens == 15 and stats.setup_seconds == 0
+        for sdpa in (False, True):
+            assert torch.equal(autoregressive_generate(target, ids, 15, cuda_graphs=True, sdpa=sdpa)[0], plain)
+        if cfg.middle == "retrieval":
+            _, eager = triforce_generate(target, draft, ids, 15, cfg)
+            assert (stats.draft_accepted, stats.middle_accepted) == (eager.draft_accepted, eager.middle_accepted)
+
+
+def test_fixed_shape_sampling_follows_the_eager_loop(models):
+    "At temperature 0.8 the fixed-shape steps draw the same tokens as the eager passes from the same generator."
+    target, draft = models
+    cfg = TriForceConfig(budget=16, window=8, temperature=0.8)
+    a, _ = triforce_generate(target, draft, prompt(50, 3), 20, cfg, generator=torch.Generator().manual_seed(1))
+    b, _ = triforce_generate(target, draft, prompt(50, 3), 20, cfg, generator=torch.Generator().manual_seed(1), cuda_graphs=True)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("start,t", [(0, 1), (7, 3), (40, 1), (64, 7), (201, 2)])
+def test_streaming_chunks_read_what_streaming_selection_reads(start, t):
+    def tokens(chunks, n, C=8):
+        return {int(c) * C + j for c in chunks.flatten().tolist() if c >= 0 for j in range(C) if int(c) * C + j < n}
+    fixed = streaming_chunks(torch.tensor(start), t, 2, sinks=16, window=48)
+    assert fixed.shape == (1, 2, 2 + (48 + t) // 8 + 3)                       # a fixed shape, whatever the start
+    assert tokens(fixed, start + t) == tokens(streaming_selection(start, 1, 1, 2, 16, 48).for_layer(0, start + t), start + t)
+
+
+def test_graph_levels_size_the_retrieval_list_from_the_prefill(models):
+    "Built once from the prompt, the level-2 list still covers every token up to the buffer's end, and no more."
+    target, draft = models
+    cache = FlatKVCache(target, 100)
+    cache.lengths = [80] * len(cache.lengths)
+    levels = GraphLevels(target, draft, cache, FlatKVCache(draft, 100), TriForceConfig(budget=16, refresh_every=10**9))
+    assert levels.n_keep == 2 and levels.n_tail * 8 >= 100 - 80 + 8 and levels.n_tail <= 6
+    assert levels.stream is None                                         # a CPU: the steps run eagerly
 
 
 def test_eos_stops_like_generate(models):

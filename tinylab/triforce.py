@@ -19,8 +19,9 @@ from .kernels.sparse_decode_attention import sparse_decode_attention
 
 # %% auto #0
 __all__ = ['to_probs', 'speculative_accept', 'FlatKVCache', 'ChunkSelection', 'streaming_selection', 'chunk_scores',
-           'retrieval_selection', 'triforce_attention', 'TriForceConfig', 'DecodeStats', 'unsupported_attention',
-           'autoregressive_generate', 'triforce_generate', 'lossless_outcome', 'distribution_outcome']
+           'retrieval_selection', 'StaticSelection', 'triforce_attention', 'TriForceConfig', 'DecodeStats',
+           'unsupported_attention', 'Levels', 'autoregressive_generate', 'triforce_generate', 'streaming_chunks',
+           'GraphLevels', 'lossless_outcome', 'distribution_outcome']
 
 # %% ../nbs/21_triforce.ipynb #cell-010
 def to_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -75,8 +76,13 @@ class FlatKVCache(Cache):
         self.v = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(c.num_hidden_layers)]
         self.lengths = [0] * c.num_hidden_layers
         self.capacity = capacity
+        self.write_at = None      # positions [t] on the device: a fixed-shape step (see `GraphLevels`) writes there
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.write_at is not None:   # a fixed-shape step: write where the device says, return the whole buffers
+            self.k[layer_idx].index_copy_(2, self.write_at, key_states)
+            self.v[layer_idx].index_copy_(2, self.write_at, value_states)
+            return self.k[layer_idx], self.v[layer_idx]
         n, t = self.lengths[layer_idx], key_states.shape[2]
         if n + t > self.capacity:
             raise ValueError(f"FlatKVCache: {n + t} tokens exceed the capacity {self.capacity}")
@@ -157,13 +163,45 @@ def retrieval_selection(queries: dict, cache: FlatKVCache, n_cached: int, budget
     return ChunkSelection(chunks, nc * chunk_size, chunk_size)
 
 # %% ../nbs/21_triforce.ipynb #cell-031
+@dataclass
+class StaticSelection:
+    """What a fixed-shape decoding step reads (for CUDA graphs, which replay one shape at every step): the first
+    `length` [B] tokens (int32, on the device) of a cache buffer are valid, the step's queries being the last of them;
+    the step reads the chunks `chunks` names ([B, Hkv, M] int32, -1 pads; one tensor for every layer, or a list per
+    layer), or with `sdpa=True` every valid token through PyTorch's SDPA (the plain baseline's other attention)."""
+    chunks: torch.Tensor | list | None
+    length: torch.Tensor
+    chunk_size: int = 8
+    sdpa: bool = False
+
+    def for_layer(self, layer: int) -> torch.Tensor:
+        return self.chunks[layer] if isinstance(self.chunks, list) else self.chunks
+
+
+def _sdpa_to_length(query, key, value, length, scaling):
+    "SDPA of the NQ newest queries [B, H, NQ, D] over the first `length` [B] tokens of key/value [B, Hkv, N, D] -> [B, NQ, H, D]."
+    NQ, N = query.shape[2], key.shape[2]
+    last = length.view(-1, 1, 1, 1) - NQ + torch.arange(NQ, device=query.device).view(1, 1, NQ, 1)   # last key each query sees
+    mask = torch.arange(N, device=query.device) <= last                                               # (B, 1, NQ, N)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                                           enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2)
+
+
 def triforce_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                        kv_select: ChunkSelection | None = None, kv_record: dict | None = None, **kwargs):
     """Attention for `transformers` models, registered as "triforce". query [B, H, NQ, D] are the NQ newest
-    tokens, the last NQ of key/value [B, Hkv, N, D]; they read the chunks `kv_select` names (all if None)."""
+    tokens, the last NQ of key/value [B, Hkv, N, D]; they read the chunks `kv_select` names (all if None). A
+    `StaticSelection` (fixed-shape steps, for CUDA graphs) names the valid length on the device instead."""
     B, Hkv, N, D = key.shape
     if kv_record is not None:
         kv_record[module.layer_idx] = query
+    if isinstance(kv_select, StaticSelection):
+        if kv_select.sdpa:
+            return _sdpa_to_length(query, key, value, kv_select.length, scaling), None
+        out = sparse_decode_attention(query, key, value, kv_select.for_layer(module.layer_idx), kv_select.chunk_size,
+                                      scale=scaling, check_distinct=False, length=kv_select.length)
+        return out.transpose(1, 2), None
     if kv_select is None:
         C = 8
         chunks = torch.arange(-(-N // C), device=key.device, dtype=torch.int32).expand(B, Hkv, -1)
@@ -211,6 +249,7 @@ class DecodeStats:
     middle_accepted: int = 0
     seconds: float = 0.0            # wall clock, prefill included
     prefill_seconds: float = 0.0    # the prompt's prefill (and the first retrieval cache)
+    setup_seconds: float = 0.0      # capturing CUDA graphs, the first time each step shape runs
 
     @property
     def draft_acceptance(self) -> float:
@@ -226,7 +265,7 @@ class DecodeStats:
 
     @property
     def decode_seconds(self) -> float:
-        return self.seconds - self.prefill_seconds
+        return self.seconds - self.prefill_seconds - self.setup_seconds
 
 
 class _triforce_attention:
@@ -317,35 +356,96 @@ def _prompt(input_ids, max_new_tokens) -> list[int]:
     return ids.tolist()
 
 
+class Levels:
+    """The forward passes of TriForce's levels, run eagerly (a Python call per layer and kernel): `draft` (the draft
+    model on its StreamingLLM cache), `middle` (the target on the retrieval cache), `full` (the target on its whole
+    cache, recording its queries) and `rebuild` (a new level-2 cache from one recorded query). `GraphLevels` runs
+    the same passes as CUDA graphs. `sdpa`: the full passes read the cache with PyTorch's SDPA, not the chunk kernel."""
+    setup_seconds = 0.0
+
+    def __init__(self, target, draft, full_cache: FlatKVCache, dcache: FlatKVCache | None, cfg: TriForceConfig,
+                 sdpa: bool = False):
+        self.target, self.draft_model, self.full_cache, self.dcache, self.cfg, self.sdpa = target, draft, full_cache, dcache, cfg, sdpa
+        self.record, self.select = {}, None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        "Let go of the caches and graphs at once (not at the next garbage collection): the next generation needs the memory."
+        setup = self.setup_seconds
+        self.__dict__.clear()
+        self.setup_seconds = setup
+
+    def draft(self, tokens: list[int]) -> torch.Tensor:
+        c, d = self.cfg, self.dcache
+        select = streaming_selection(d.get_seq_length(), len(d.k), 1, d.k[0].shape[1], c.sinks, c.window, c.chunk_size,
+                                     d.k[0].device)
+        return _forward(self.draft_model, tokens, d, select=select)
+
+    def middle(self, tokens: list[int]) -> torch.Tensor:
+        return _forward(self.target, tokens, self.full_cache, select=self.select)
+
+    def full(self, tokens: list[int]) -> torch.Tensor:
+        self.record, select = {}, None
+        if self.sdpa:
+            n = self.full_cache.get_seq_length() + len(tokens)
+            select = StaticSelection(None, torch.tensor([n], dtype=torch.int32, device=self.full_cache.k[0].device), sdpa=True)
+        return _forward(self.target, tokens, self.full_cache, select=select, record=self.record)
+
+    def rebuild(self, i: int, record: dict | None = None):
+        """The level-2 cache from query `i` of the last full pass (or of `record`, the prefill's): TriForce's retrieval
+        cache, or StreamingLLM's for the ablation."""
+        c, cache = self.cfg, self.full_cache
+        n, record = cache.get_seq_length(), self.record if record is None else record
+        if c.middle == "streaming":
+            self.select = streaming_selection(n, len(cache.k), 1, cache.k[0].shape[1], c.sinks, max(c.budget - c.sinks, 1),
+                                              c.chunk_size, cache.k[0].device)
+        else:
+            self.select = retrieval_selection({layer: q[:, :, i] for layer, q in record.items()}, cache, n, c.budget,
+                                              c.chunk_size)
+
+
 @torch.no_grad()
 def autoregressive_generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0,
-                            generator=None, eos_token_id=None) -> tuple[torch.Tensor, DecodeStats]:
+                            generator=None, eos_token_id=None, cuda_graphs: bool = False,
+                            sdpa: bool = False) -> tuple[torch.Tensor, DecodeStats]:
     """The baseline: one full-cache forward pass per token, same caches and attention, and the prompt prefilled as
-    `triforce_generate` does (the model's own attention, then one token through ours). Returns (prompt + new tokens, stats)."""
+    `triforce_generate` does (the model's own attention, then one token through ours). Returns (prompt + new tokens, stats).
+    `cuda_graphs`: fixed-shape steps replayed as a CUDA graph (`GraphLevels`; run eagerly off a GPU). `sdpa`: the
+    steps read the cache with PyTorch's SDPA instead of the chunk kernel (the plain baseline's other choice)."""
     seq = _prompt(input_ids, max_new_tokens)
     _check_target(model, len(seq) + max_new_tokens)
     n0, t0 = len(seq), _now(model)
     cache = FlatKVCache(model, n0 + max_new_tokens)
     _prefill(model, seq, cache)
+    levels = (GraphLevels if cuda_graphs else Levels)(model, None, cache, None, TriForceConfig(), sdpa=sdpa)
     t_prefill = _now(model) - t0
-    with _triforce_attention(model):
-        logits = _forward(model, seq[-1:], cache)[-1]
+    with _triforce_attention(model), levels:
+        logits = levels.full(seq[-1:])[-1]
         while True:
             x = int(torch.multinomial(to_probs(logits, temperature).cpu(), 1, generator=generator))
             seq.append(x)
             if x == eos_token_id or len(seq) - n0 == max_new_tokens:
                 break
-            logits = _forward(model, [x], cache)[-1]
+            logits = levels.full([x])[-1]
     n = len(seq) - n0
-    return torch.tensor(seq), DecodeStats(new_tokens=n, rounds=n, seconds=_now(model) - t0, prefill_seconds=t_prefill)
+    return torch.tensor(seq), DecodeStats(new_tokens=n, rounds=n, seconds=_now(model) - t0, prefill_seconds=t_prefill,
+                                          setup_seconds=levels.setup_seconds)
+
+
+def _tail(seq: list, mid: list, start: int) -> list:
+    "(seq + mid)[start:] without copying seq (at long context a copy per step costs more than the step)."
+    return seq[start:] + mid if start < len(seq) else mid[start - len(seq):]
 
 
 @torch.no_grad()
 def triforce_generate(target, draft, input_ids, max_new_tokens: int, cfg: TriForceConfig | None = None,
-                      generator=None, eos_token_id=None) -> tuple[torch.Tensor, DecodeStats]:
+                      generator=None, eos_token_id=None, cuda_graphs: bool = False) -> tuple[torch.Tensor, DecodeStats]:
     """TriForce for one sequence: the `draft` model (StreamingLLM cache) speculates `gamma1` tokens at a time for
     the `target` on its retrieval cache, which speculates `gamma2` tokens for the `target` on its full cache.
-    Returns (prompt + new tokens [T'], stats); the output follows the target's distribution exactly."""
+    Returns (prompt + new tokens [T'], stats); the output follows the target's distribution exactly.
+    `cuda_graphs`: every level's steps are fixed-shape and replayed as CUDA graphs (`GraphLevels`; eagerly off a GPU)."""
     cfg = TriForceConfig() if cfg is None else cfg
     if not isinstance(cfg, TriForceConfig):
         raise TypeError(f"cfg must be a TriForceConfig, got {type(cfg).__name__}")
@@ -356,48 +456,37 @@ def triforce_generate(target, draft, input_ids, max_new_tokens: int, cfg: TriFor
     cap = n_prompt + max_new_tokens + cfg.gamma2 + cfg.gamma1 + 2
     _check_target(target, cap)  # the draft only proposes: its attention need not be exact
     full, dcache = FlatKVCache(target, cap), FlatKVCache(draft, cap)
-    C, T, stats = cfg.chunk_size, cfg.temperature, DecodeStats()
+    T, stats = cfg.temperature, DecodeStats()
 
-    def draft_select():                                    # StreamingLLM over the draft's cache as it is now
-        return streaming_selection(dcache.get_seq_length(), len(dcache.k), 1, dcache.k[0].shape[1], cfg.sinks,
-                                   cfg.window, C, dcache.k[0].device)
-
-    def middle_select(queries):                            # the level-2 cache, rebuilt from the newest queries
-        n = full.get_seq_length()
-        if cfg.middle == "streaming":
-            return streaming_selection(n, len(full.k), 1, full.k[0].shape[1], cfg.sinks, max(cfg.budget - cfg.sinks, 1),
-                                       C, full.k[0].device)
-        return retrieval_selection(queries, full, n, cfg.budget, C)
-
-    # prefill: both caches take all prompt tokens but the last, which is "pending"
+    # prefill: both caches take all prompt tokens but the last, which is "pending"; the first level-2 cache
     record = {}
     _prefill(target, seq, full, record)
     _forward(draft, seq[:-1], dcache)
-    select = middle_select({layer: q[:, :, -1] for layer, q in record.items()})
+    levels = (GraphLevels if cuda_graphs else Levels)(target, draft, full, dcache, cfg)
+    levels.rebuild(-1, record)
     stats.prefill_seconds = _now(target) - t_start
-    with _triforce_attention(target, draft):
+    with _triforce_attention(target, draft), levels:
         while len(seq) - n_prompt < max_new_tokens:
             n0 = len(seq)                                  # committed tokens; the full cache holds n0 - 1
             mid, mid_q = [], []
             while len(mid) < cfg.gamma2:                   # ---- level 2 drafts gamma2 tokens
-                ctx = seq + mid                            # the retrieval level's tail holds ctx[:-1]
+                n_ctx, last = len(seq) + len(mid), (mid or seq)[-1]   # context seq + mid; the full cache holds all but `last`
                 d_tok, d_q = [], []
-                feed = ctx[dcache.get_seq_length():]       # ---- level 1: catch up, then gamma1 tokens
+                feed = _tail(seq, mid, dcache.get_seq_length())       # ---- level 1: catch up, then gamma1 tokens
                 for _ in range(cfg.gamma1):
-                    q = to_probs(_forward(draft, feed, dcache, select=draft_select())[-1], T).cpu()
+                    q = to_probs(levels.draft(feed)[-1], T).cpu()
                     x = int(torch.multinomial(q, 1, generator=generator))
                     d_tok.append(x); d_q.append(q); feed = [x]
-                p2 = to_probs(_forward(target, [ctx[-1]] + d_tok, full, select=select), T)
+                p2 = to_probs(levels.middle([last] + d_tok), T)
                 n1, nxt = speculative_accept(torch.tensor(d_tok), torch.stack(d_q), p2, generator)
                 stats.draft_proposed += cfg.gamma1; stats.draft_accepted += n1
                 mid += d_tok[:n1] + [nxt]
                 mid_q += [p2[i] for i in range(n1 + 1)]    # each middle token was drawn from p2 at its place
-                full.crop(len(ctx) + n1)                   # keep the level-2 keys of the accepted tokens
-                dcache.crop(min(dcache.get_seq_length(), len(ctx) + n1))
+                full.crop(n_ctx + n1)                      # keep the level-2 keys of the accepted tokens
+                dcache.crop(min(dcache.get_seq_length(), n_ctx + n1))
             mid, mid_q = mid[:cfg.gamma2], mid_q[:cfg.gamma2]
             full.crop(n0 - 1)                              # ---- level 3: the full cache verifies
-            record = {}
-            p3 = to_probs(_forward(target, [seq[-1]] + mid, full, record=record), T)
+            p3 = to_probs(levels.full([seq[-1]] + mid), T)
             n3, nxt = speculative_accept(torch.tensor(mid), torch.stack(mid_q), p3, generator)
             stats.rounds += 1; stats.middle_proposed += len(mid); stats.middle_accepted += n3
             seq += mid[:n3] + [nxt]
@@ -407,10 +496,159 @@ def triforce_generate(target, draft, input_ids, max_new_tokens: int, cfg: TriFor
                 seq = seq[:seq.index(eos_token_id, n0) + 1]
                 break
             if stats.rounds % cfg.refresh_every == 0:      # rebuild the retrieval cache: newest cached query
-                select = middle_select({layer: q[:, :, n3] for layer, q in record.items()})
+                levels.rebuild(n3)
     seq = seq[:n_prompt + max_new_tokens]
-    stats.new_tokens, stats.seconds = len(seq) - n_prompt, _now(target) - t_start
+    stats.new_tokens, stats.seconds, stats.setup_seconds = len(seq) - n_prompt, _now(target) - t_start, levels.setup_seconds
     return torch.tensor(seq), stats
+
+# %% ../nbs/21_triforce.ipynb #1980c63e
+def streaming_chunks(start: torch.Tensor, t: int, hkv: int, sinks: int, window: int, chunk_size: int = 8) -> torch.Tensor:
+    """`streaming_selection` for a step of `t` tokens onto `start` cached ones (a device scalar), computed on the device
+    with a fixed shape: chunk ids [1, hkv, M], the sink chunks before the window (-1 once the window reaches them),
+    then every chunk from the window's first on (those past the step's last token are not read, by its `length`)."""
+    C = chunk_size
+    first = (start - window).clamp_min(0) // C                                   # the window's first chunk
+    sink = torch.arange(-(-sinks // C), device=start.device)
+    sink = torch.where(sink < first, sink, -1)
+    tail = first + torch.arange((window + t) // C + 3, device=start.device)
+    return torch.cat([sink, tail]).to(torch.int32).view(1, 1, -1).expand(1, hkv, -1)
+
+
+def _static_pass(model, cache: FlatKVCache, t: int, select, record: dict | None = None):
+    """A forward pass of `t` new tokens as a function of one int64 device buffer [start, token ids...]: positions, the
+    cache writes and the valid length are computed on the device, and `select(start, t, length)` names what it reads."""
+    keyword = _cache_keyword(type(model))
+
+    def run(inputs: torch.Tensor) -> torch.Tensor:
+        start = inputs[0]
+        pos = start + torch.arange(t, device=inputs.device)
+        cache.write_at = pos
+        try:
+            return model(input_ids=inputs[None, 1:], position_ids=pos[None], use_cache=True, kv_record=record,
+                         kv_select=select(start, t, (start + t).to(torch.int32).view(1)), **{keyword: cache}).logits[0]
+        finally:
+            cache.write_at = None
+    return run
+
+
+class _Graph:
+    """`fn(inputs)` of one int64 device buffer, as a CUDA graph on a GPU: at its first call a warm-up run on a side
+    stream compiles and allocates, then one run is recorded; every call replays it, all its kernels in one launch.
+    Elsewhere it runs eagerly. A call copies `values` into the buffer and returns fn's output (the next call overwrites it)."""
+    def __init__(self, fn, n_inputs: int, device: torch.device, stream=None):
+        self.fn, self.stream = fn, stream
+        self.inputs = torch.zeros(n_inputs, dtype=torch.long, device=device)
+        self.graph, self.capture_seconds = None, 0.0
+
+    def __call__(self, values: list[int]):
+        self.inputs.copy_(torch.tensor(values))
+        if self.stream is None:
+            return self.fn(self.inputs)
+        if self.graph is None:
+            t0 = time.perf_counter()
+            self.stream.wait_stream(torch.cuda.current_stream(self.inputs.device))
+            with torch.cuda.stream(self.stream):
+                self.fn(self.inputs)                                    # warm-up: compiles kernels, allocates scratch
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph, stream=self.stream):
+                    self.out = self.fn(self.inputs)
+            torch.cuda.current_stream(self.inputs.device).wait_stream(self.stream)
+            self.capture_seconds = time.perf_counter() - t0
+        self.graph.replay()
+        return self.out
+
+
+class GraphLevels(Levels):
+    """`Levels` as fixed-shape steps over the same caches, each captured once per (level, token count) as a CUDA graph
+    and replayed (off a GPU, or with `graphs=False`, the same steps run eagerly). The retrieval cache is a fixed-size
+    chunk list per layer, `n_keep` selected chunks then the `n_tail` chunks from the boundary on, rebuilt in place."""
+    def __init__(self, target, draft, full_cache, dcache, cfg, sdpa=False, graphs=True):
+        super().__init__(target, draft, full_cache, dcache, cfg, sdpa)
+        C, dev, hkv = cfg.chunk_size, full_cache.k[0].device, full_cache.k[0].shape[1]
+        self.stream = torch.cuda.Stream(dev) if graphs and dev.type == "cuda" else None
+        self.graphs, self.records, self.setup_seconds = {}, {}, 0.0
+        n_chunks = -(-full_cache.capacity // C)
+        self.all_chunks = torch.arange(n_chunks, dtype=torch.int32, device=dev).expand(1, hkv, -1)
+        self.n_keep = min(max(cfg.budget // C, 1), max(full_cache.capacity // C, 1))
+        grow = C + cfg.refresh_every * (cfg.gamma2 + 1) + cfg.gamma2 + cfg.gamma1 + 2   # tokens past the boundary, at most:
+        grow = min(grow, full_cache.capacity - full_cache.get_seq_length() + C)          # (and never past the buffer)
+        self.n_tail = min(grow // C + 2, n_chunks)
+        self.mid_chunks = [torch.full((1, hkv, self.n_keep + self.n_tail), -1, dtype=torch.int32, device=dev)
+                           for _ in full_cache.k]
+
+    def _run(self, key, fn, n_inputs: int, values: list[int], device):
+        "Call graph `key` (built from `fn()` the first time) on `values`; its capture time counts as set-up."
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = self.graphs[key] = _Graph(fn(), n_inputs, device, self.stream)
+            out = graph(values)
+            self.setup_seconds += graph.capture_seconds
+            return out
+        return graph(values)
+
+    def _step(self, level: str, model, cache: FlatKVCache, tokens: list[int], select, record=None) -> torch.Tensor:
+        start, t = cache.get_seq_length(), len(tokens)
+        out = self._run((level, t), lambda: _static_pass(model, cache, t, select, record), t + 1, [start] + tokens,
+                        cache.k[0].device)
+        cache.lengths = [start + t] * len(cache.lengths)
+        return out
+
+    def draft(self, tokens):
+        c, hkv = self.cfg, self.dcache.k[0].shape[1]
+        select = lambda start, t, length: StaticSelection(
+            streaming_chunks(start, t, hkv, c.sinks, c.window, c.chunk_size), length, c.chunk_size)
+        return self._step("draft", self.draft_model, self.dcache, tokens, select)
+
+    def middle(self, tokens):
+        c, hkv = self.cfg, self.full_cache.k[0].shape[1]
+        if c.middle == "streaming":    # StreamingLLM at level 2 (the ablation): its window slides at every step here
+            select = lambda start, t, length: StaticSelection(
+                streaming_chunks(start, t, hkv, c.sinks, max(c.budget - c.sinks, 1), c.chunk_size), length, c.chunk_size)
+        else:
+            select = lambda start, t, length: StaticSelection(self.mid_chunks, length, c.chunk_size)
+        return self._step("middle", self.target, self.full_cache, tokens, select)
+
+    def full(self, tokens):
+        c = self.cfg
+        self.record = self.records.setdefault(len(tokens), {})
+        select = lambda start, t, length: StaticSelection(None if self.sdpa else self.all_chunks, length, c.chunk_size,
+                                                          sdpa=self.sdpa)
+        return self._step("full", self.target, self.full_cache, tokens, select, self.record)
+
+    def _write_middle(self, layer: int, chosen: torch.Tensor, n_complete: torch.Tensor):
+        "Layer `layer`'s level-2 chunk list: the `chosen` ids [1, Hkv, <= n_keep] (-1 pads), then chunks n_complete, ..."
+        m = self.mid_chunks[layer]
+        m[..., :self.n_keep] = -1
+        m[..., :chosen.shape[-1]] = chosen
+        m[..., self.n_keep:] = n_complete + torch.arange(self.n_tail, device=m.device)
+
+    def _rebuild_pass(self, record: dict):
+        "The retrieval cache from query inputs[0] of `record`, over the inputs[1] cached tokens, as a device function."
+        C, inf = self.cfg.chunk_size, float("inf")
+
+        def run(inputs):
+            i, n_complete = inputs[0], inputs[1] // C
+            for layer, k in enumerate(self.full_cache.k):
+                s = chunk_scores(record[layer].index_select(2, i.view(1))[:, :, 0], k, C)     # (1, Hkv, chunks of the buffer)
+                ids = torch.arange(s.shape[-1], device=s.device)
+                s = s.masked_fill(ids == 0, inf).masked_fill(ids >= n_complete, -inf)   # the sink stays; complete chunks compete
+                top = s.topk(min(self.n_keep, s.shape[-1]), dim=-1)
+                self._write_middle(layer, torch.where(top.values > -inf, top.indices, -1).sort(-1).values.to(torch.int32),
+                                   n_complete)
+        return run
+
+    def rebuild(self, i, record=None):
+        c, n = self.cfg, self.full_cache.get_seq_length()
+        if c.middle == "streaming":                       # computed on the device at every step
+            return
+        if record is not None:                            # the prefill's queries: select eagerly, then write in place
+            sel = retrieval_selection({layer: q[:, :, i] for layer, q in record.items()}, self.full_cache, n, c.budget,
+                                      c.chunk_size)
+            for layer, chunks in enumerate(sel.chunks):
+                self._write_middle(layer, chunks, sel.boundary // c.chunk_size)
+            return
+        t = next(t for t, r in self.records.items() if r is self.record)
+        self._run(("rebuild", t), lambda: self._rebuild_pass(self.record), 2, [i, n], self.full_cache.k[0].device)
 
 # %% ../nbs/21_triforce.ipynb #cell-059c
 def lossless_outcome(n_identical: int, n_runs: int) -> str:
