@@ -180,6 +180,7 @@ def level_passes(tf: TriForceConfig) -> dict:
             "check": f"target, {tf.gamma2 + 1} tokens, full cache", "rebuild": "retrieval cache rebuild (all layers)"}
 
 
+@torch.no_grad()
 def attention_at_end(target, ids: list[int], tf: TriForceConfig) -> dict:
     "Where the newest token's attention goes, on `ids` (`attention_share`, against the retrieval cache of that token)."
     full, record = FlatKVCache(target, len(ids) + 1), {}
@@ -363,6 +364,9 @@ def run(data: Path, out: Path | None, size: str, seed: int = 0, **overrides):
                         top2 = target(input_ids=plain[None, :i].to(dev)).logits[0, -1].float().topk(2).values
                     rows[-len(runs) + 1].update(first_difference=i - ctx, top2_logit_gap_there=float(top2[0] - top2[1]))
                     _free(dev)
+        if out is not None:                                # the rows first: a failure in the diagnostics keeps them
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=1))
         result["levels"][str(ctx)] = {**level_costs(target, draft, text.tolist(), tf, dev),
                                       "attention_share": attention_at_end(target, text.tolist(), tf),
                                       "attention_share_far_repeat": attention_at_end(target, repeat.tolist(), tf),
