@@ -20,9 +20,9 @@ __all__ = ['GRID', 'CELL', 'SIZE', 'FLOOR', 'WALL', 'GOAL', 'BOX', 'AGENT0', 'N_
            'PALETTE', 'BASE', 'UNREACHABLE', 'NULL_COLOR', 'NULL_ACTION', 'World', 'random_world', 'step', 'render',
            'cell_distances', 'parse', 'read_world', 'view_mask', 'observe', 'push_cells', 'distances', 'assignment',
            'cost', 'own_cost', 'rank_actions', 'propose', 'intents', 'expert_actions', 'Transitions', 'rollouts',
-           'with_coords', 'ActionEncoder', 'change', 'apply_change', 'WorldModel', 'noise_schedulers',
-           'diffusion_batch', 'compose_eps', 'presence_masks', 'ddim_step_ref', 'influence_scale', 'train_single',
-           'train_joint', 'joint_tokens', 'composed_loss', 'finetune_composed', 'imagine', 'StateEstimator', 'views',
+           'ActionEncoder', 'change', 'apply_change', 'WorldModel', 'noise_schedulers', 'diffusion_batch',
+           'compose_eps', 'presence_masks', 'ddim_step_ref', 'influence_scale', 'train_single', 'train_joint',
+           'joint_tokens', 'composed_loss', 'finetune_composed', 'imagine', 'StateEstimator', 'views',
            'train_estimator', 'Problem', 'tree_search', 'estimate_worlds', 'snap', 'Planner', 'run_episodes',
            'save_models', 'load_models', 'prediction_accuracy', 'wilson', 'estimation_accuracy', 'episode_bootstrap']
 
@@ -319,14 +319,9 @@ def rollouts(n_episodes: int, n_agents: int, rng: np.random.Generator, eps: floa
 # %% ../nbs/42_combo.ipynb #combo-031
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
-NULL_COLOR, NULL_ACTION = N_COLORS, len(ACTIONS)   # the "no agent, no action" token: the unconditional input
+from .moa import with_coords   # two coordinate channels beside the image, as the MoA chapter's prior reads them
 
-def with_coords(x: torch.Tensor) -> torch.Tensor:
-    "x (B, C, H, W) with two coordinate channels appended (row and column, in [-1, 1])."
-    B, _, H, W = x.shape
-    ys = torch.linspace(-1, 1, H, device=x.device, dtype=x.dtype).view(1, 1, H, 1).expand(B, 1, H, W)
-    xs = torch.linspace(-1, 1, W, device=x.device, dtype=x.dtype).view(1, 1, 1, W).expand(B, 1, H, W)
-    return torch.cat([x, ys, xs], 1)
+NULL_COLOR, NULL_ACTION = N_COLORS, len(ACTIONS)   # the "no agent, no action" token: the unconditional input
 
 class ActionEncoder(nn.Module):
     "Tokens (B, L, D) for (agent colour, action) pairs (B, L): a colour embedding plus an action embedding."

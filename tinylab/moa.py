@@ -127,7 +127,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from transformers import CLIPTextConfig, CLIPTextModel
 
 def with_coords(x: torch.Tensor) -> torch.Tensor:
-    "x (B, 3, H, W) with two coordinate channels appended (row and column, in [-1, 1]): (B, 5, H, W)."
+    "x (B, C, H, W) with two coordinate channels appended (row and column, in [-1, 1]): (B, C + 2, H, W)."
     B, _, H, W = x.shape
     ys = torch.linspace(-1, 1, H, device=x.device, dtype=x.dtype).view(1, 1, H, 1).expand(B, 1, H, W)
     xs = torch.linspace(-1, 1, W, device=x.device, dtype=x.dtype).view(1, 1, 1, W).expand(B, 1, H, W)
