@@ -212,17 +212,18 @@ def test_nan_is_not_hidden(use_triton, where):
     g = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(1, 2, 1, 16, generator=g), torch.randn(1, 1, 32, 16, generator=g), torch.randn(1, 1, 32, 16, generator=g)
     (q if where == "q" else k)[0, 0, -1 if where == "k" else 0, 3] = float("nan")
-    out = sparse_decode_attention(q, k, v, torch.tensor([[[0, 1, 2, 3]]]), 8, use_triton=use_triton)
+    q, k, v = (t.to(DEVICE) for t in (q, k, v))          # on a GPU machine Triton needs CUDA tensors (no interpreter)
+    out = sparse_decode_attention(q, k, v, torch.tensor([[[0, 1, 2, 3]]], device=DEVICE), 8, use_triton=use_triton)
     assert out[0, 0].isnan().all() and (where == "k" or not out[0, 1].isnan().any())
 
 
 @pytest.mark.parametrize("use_triton", [False, True])
 def test_duplicate_chunks_are_refused(use_triton):
     "A chunk named twice would count twice (0.16-0.25 relative change, 23.10): a clear error; -1 padding is fine."
-    q, k, v = torch.randn(1, 2, 1, 16), torch.randn(1, 1, 32, 16), torch.randn(1, 1, 32, 16)
+    q, k, v = (torch.randn(*shape, device=DEVICE) for shape in ((1, 2, 1, 16), (1, 1, 32, 16), (1, 1, 32, 16)))
     with pytest.raises(ValueError, match="named twice"):
-        sparse_decode_attention(q, k, v, torch.tensor([[[0, 2, 2]]]), 8, use_triton=use_triton)
-    sparse_decode_attention(q, k, v, torch.tensor([[[0, 2, -1, -1]]]), 8, use_triton=use_triton)
+        sparse_decode_attention(q, k, v, torch.tensor([[[0, 2, 2]]], device=DEVICE), 8, use_triton=use_triton)
+    sparse_decode_attention(q, k, v, torch.tensor([[[0, 2, -1, -1]]], device=DEVICE), 8, use_triton=use_triton)
 
 
 @pytest.mark.parametrize("use_triton", [False, True])

@@ -260,6 +260,24 @@ def test_streaming_chunks_read_what_streaming_selection_reads(start, t):
     assert tokens(fixed, start + t) == tokens(streaming_selection(start, 1, 1, 2, 16, 48).for_layer(0, start + t), start + t)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_give_the_eager_output(models):
+    """On a GPU the fixed-shape steps are captured and replayed: fp32 models, greedy, the same tokens as the eager
+    passes and as plain decoding (eager and replayed), and graph capture reported as set-up time."""
+    target, draft = (m.to("cuda") for m in models)
+    try:
+        for seed, cfg in enumerate([TriForceConfig(budget=16, window=16), TriForceConfig(budget=16, window=16, refresh_every=10**9)]):
+            ids = prompt(60 + 7 * seed, seed).cuda()
+            plain, _ = autoregressive_generate(target, ids, 20)
+            fast, stats = triforce_generate(target, draft, ids, 20, cfg, cuda_graphs=True)
+            assert torch.equal(fast, plain) and stats.setup_seconds > 0
+            for sdpa in (False, True):
+                assert torch.equal(autoregressive_generate(target, ids, 20, cuda_graphs=True, sdpa=sdpa)[0], plain)
+    finally:
+        for m in models:
+            m.to("cpu")
+
+
 def test_graph_levels_size_the_retrieval_list_from_the_prefill(models):
     "Built once from the prompt, the level-2 list still covers every token up to the buffer's end, and no more."
     target, draft = models

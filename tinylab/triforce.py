@@ -372,7 +372,8 @@ class Levels:
         return self
 
     def __exit__(self, *exc):
-        "Let go of the caches and graphs at once (not at the next garbage collection): the next generation needs the memory."
+        """Drop every reference this object holds (caches, graphs and their memory pools) at once, not at the next garbage
+        collection: the next generation needs the memory. The object is not usable afterwards."""
         setup = self.setup_seconds
         self.__dict__.clear()
         self.setup_seconds = setup
@@ -570,8 +571,10 @@ class GraphLevels(Levels):
         n_chunks = -(-full_cache.capacity // C)
         self.all_chunks = torch.arange(n_chunks, dtype=torch.int32, device=dev).expand(1, hkv, -1)
         self.n_keep = min(max(cfg.budget // C, 1), max(full_cache.capacity // C, 1))
-        grow = C + cfg.refresh_every * (cfg.gamma2 + 1) + cfg.gamma2 + cfg.gamma1 + 2   # tokens past the boundary, at most:
-        grow = min(grow, full_cache.capacity - full_cache.get_seq_length() + C)          # (and never past the buffer)
+        # tokens past the boundary, at most: < C at a rebuild, + gamma2 + 1 per round until the next one, + a round's
+        # level-2 tokens in flight (gamma2 + gamma1 + 2); and never more than the buffer holds past the prefill
+        grow = C + cfg.refresh_every * (cfg.gamma2 + 1) + cfg.gamma2 + cfg.gamma1 + 2
+        grow = min(grow, full_cache.capacity - full_cache.get_seq_length() + C)
         self.n_tail = min(grow // C + 2, n_chunks)
         self.mid_chunks = [torch.full((1, hkv, self.n_keep + self.n_tail), -1, dtype=torch.int32, device=dev)
                            for _ in full_cache.k]
@@ -610,7 +613,8 @@ class GraphLevels(Levels):
 
     def full(self, tokens):
         c = self.cfg
-        self.record = self.records.setdefault(len(tokens), {})
+        self.record_t = len(tokens)                   # the rebuild reads this pass's recorded queries
+        self.record = self.records.setdefault(self.record_t, {})
         select = lambda start, t, length: StaticSelection(None if self.sdpa else self.all_chunks, length, c.chunk_size,
                                                           sdpa=self.sdpa)
         return self._step("full", self.target, self.full_cache, tokens, select, self.record)
@@ -647,8 +651,7 @@ class GraphLevels(Levels):
             for layer, chunks in enumerate(sel.chunks):
                 self._write_middle(layer, chunks, sel.boundary // c.chunk_size)
             return
-        t = next(t for t, r in self.records.items() if r is self.record)
-        self._run(("rebuild", t), lambda: self._rebuild_pass(self.record), 2, [i, n], self.full_cache.k[0].device)
+        self._run(("rebuild", self.record_t), lambda: self._rebuild_pass(self.record), 2, [i, n], self.full_cache.k[0].device)
 
 # %% ../nbs/21_triforce.ipynb #cell-059c
 def lossless_outcome(n_identical: int, n_runs: int) -> str:
