@@ -37,8 +37,8 @@ from sklearn.linear_model import LogisticRegression
 
 from tinylab.core import FAILS, HOLDS, INCONCLUSIVE, decide, paired_bootstrap
 from tinylab.moa import (BACKGROUNDS, COLORS, MoA, FineTune, NOUN, POSITIONS, background_image, ddim_for, diffusion_batch,
-                         glyph_mask, guided, layer_mask, load_prior, masked_diffusion_loss, null_ids, prior_pred,
-                         quadrant_box, random_scenes, render_scene, sample, subject_refs, train_finetune, train_moa,
+                         glyph_mask, guided, layer_mask, load_prior, masked_diffusion_loss, null_ids, personalisation_batches,
+                         prior_pred, quadrant_box, random_scenes, render_scene, sample, subject_refs, train_finetune, train_moa,
                          encode_captions)
 
 ID_MARGIN = 0.1   # the chapter's: "the subject is present" = identity at least this above the prior's own image
@@ -96,16 +96,10 @@ def train_box_routed(moa, routing, te, ddpm, data, subjects, steps, batch_size, 
     alone trains the experts, image encoder and fusion (the router loss is zero by construction)."""
     params = [p for n, p in moa.named_parameters() if not n.startswith(("unet.", "routers."))]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    gen, log = torch.Generator().manual_seed(seed), []
+    log = []
     te.requires_grad_(False); moa.train()
-    q, dev = data.images.shape[-1] // 2, params[0].device
-    for _ in progress(range(steps)):
-        idx = torch.randint(0, len(data.images), (batch_size,), generator=gen)
-        x0, mask = data.images[idx].to(dev), data.masks[idx].to(dev)
-        refs = subject_refs(subjects, [data.labels[int(i)]["subject"] for i in idx], q).to(dev)
-        xt, target, t = diffusion_batch(ddpm, x0, gen)
-        with torch.no_grad():
-            text = te(data.ids[idx].to(dev)).last_hidden_state
+    batches = personalisation_batches(te, ddpm, data, subjects, batch_size, torch.Generator().manual_seed(seed), params[0].device)
+    for _, (xt, target, t, text, refs, mask) in zip(progress(range(steps)), batches):
         routing.box = mask
         loss = masked_diffusion_loss(moa(xt, t, text, refs), target, mask)
         opt.zero_grad(set_to_none=True); loss.backward()

@@ -24,8 +24,8 @@ __all__ = ['BACKGROUNDS', 'COLORS', 'SHAPES', 'POSITIONS', 'NOUN', 'VOCAB', 'WOR
            'random_scenes', 'with_coords', 'prior_pred', 'build_prior', 'ddim_for', 'noise_schedulers',
            'diffusion_batch', 'train_prior', 'guided', 'sample', 'Router', 'MoAState', 'MoAAttnProcessor',
            'ImageEncoder', 'PromptFusion', 'MoA', 'remove_moa', 'masked_diffusion_loss', 'layer_mask', 'router_loss',
-           'subject_refs', 'train_moa', 'FineTune', 'train_finetune', 'save_prior', 'load_prior', 'background_image',
-           'read_scene']
+           'subject_refs', 'personalisation_batches', 'train_moa', 'FineTune', 'train_finetune', 'save_prior',
+           'load_prior', 'background_image', 'read_scene']
 
 # %% ../nbs/40_moa.ipynb #moa-010
 # Scenes: a two-tone background (sky over ground), one object in a quadrant, a caption of four words.
@@ -398,6 +398,21 @@ def subject_refs(subjects: np.ndarray, idx, q: int) -> torch.Tensor:
     g = torch.as_tensor(np.asarray(subjects)[np.asarray(idx, dtype=np.int64)], dtype=torch.float32)[:, None] / 16
     return F.interpolate(g, size=(q, q), mode="bilinear", align_corners=False).clamp(0, 1) * 2 - 1
 
+def personalisation_batches(text_encoder, ddpm, data: Scenes, subjects: np.ndarray, batch_size: int,
+                            gen: torch.Generator, dev):
+    """The training batches of personalisation, one per step, drawn from `gen` in a fixed order (scenes, then noise and
+    timesteps), so that every method trained with the same seed sees the same batches: (noisy images, target,
+    timesteps, text states, subject references, subject masks)."""
+    q = data.images.shape[-1] // 2
+    while True:
+        idx = torch.randint(0, len(data.images), (batch_size,), generator=gen)
+        x0, mask = data.images[idx].to(dev), data.masks[idx].to(dev)
+        refs = subject_refs(subjects, [data.labels[int(i)]["subject"] for i in idx], q).to(dev)
+        xt, target, t = diffusion_batch(ddpm, x0, gen)
+        with torch.no_grad():
+            text = text_encoder(data.ids[idx].to(dev)).last_hidden_state
+        yield xt, target, t, text, refs, mask
+
 def train_moa(moa: MoA, text_encoder, ddpm, data: Scenes, subjects: np.ndarray, steps: int, batch_size: int = 32,
               lr: float = 1e-3, router_weight: float = 1.0, seed: int = 0, progress=None,
               router_lr: float | None = None, router_form: str = "per_layer") -> list[dict]:
@@ -408,16 +423,11 @@ def train_moa(moa: MoA, text_encoder, ddpm, data: Scenes, subjects: np.ndarray, 
     groups = [{"params": [p for p in moa.trainable_parameters() if id(p) not in routers]},
               {"params": list(moa.routers.parameters()), "lr": lr if router_lr is None else router_lr}]
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
-    gen, log = torch.Generator().manual_seed(seed), []
+    log = []
     text_encoder.requires_grad_(False); moa.train()
-    q, dev = data.images.shape[-1] // 2, moa.trainable_parameters()[0].device
-    for _ in (progress(range(steps)) if progress else range(steps)):
-        idx = torch.randint(0, len(data.images), (batch_size,), generator=gen)
-        x0, mask = data.images[idx].to(dev), data.masks[idx].to(dev)
-        refs = subject_refs(subjects, [data.labels[int(i)]["subject"] for i in idx], q).to(dev)
-        xt, target, t = diffusion_batch(ddpm, x0, gen)
-        with torch.no_grad():
-            text = text_encoder(data.ids[idx].to(dev)).last_hidden_state
+    batches = personalisation_batches(text_encoder, ddpm, data, subjects, batch_size, torch.Generator().manual_seed(seed),
+                                      moa.trainable_parameters()[0].device)
+    for _, (xt, target, t, text, refs, mask) in zip(progress(range(steps)) if progress else range(steps), batches):
         pred = moa(xt, t, text, refs, record=True)
         l_mask, l_router = masked_diffusion_loss(pred, target, mask), router_loss(moa.state.maps, mask, router_form)
         loss = l_mask + router_weight * l_router
@@ -443,15 +453,11 @@ def train_finetune(model: FineTune, text_encoder, ddpm, data: Scenes, subjects: 
                    batch_size: int = 32, lr: float = 1e-3, seed: int = 0, progress=None) -> list[float]:
     "The baseline's training: same data, batches, steps and learning rate as `train_moa`; plain diffusion loss."
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    gen, log = torch.Generator().manual_seed(seed), []
+    log = []
     text_encoder.requires_grad_(False); model.train()
-    q, dev = data.images.shape[-1] // 2, next(model.parameters()).device
-    for _ in (progress(range(steps)) if progress else range(steps)):
-        idx = torch.randint(0, len(data.images), (batch_size,), generator=gen)
-        refs = subject_refs(subjects, [data.labels[int(i)]["subject"] for i in idx], q).to(dev)
-        xt, target, t = diffusion_batch(ddpm, data.images[idx].to(dev), gen)
-        with torch.no_grad():
-            text = text_encoder(data.ids[idx].to(dev)).last_hidden_state
+    batches = personalisation_batches(text_encoder, ddpm, data, subjects, batch_size, torch.Generator().manual_seed(seed),
+                                      next(model.parameters()).device)
+    for _, (xt, target, t, text, refs, _mask) in zip(progress(range(steps)) if progress else range(steps), batches):
         loss = F.mse_loss(model(xt, t, text, refs), target)
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
