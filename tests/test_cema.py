@@ -231,14 +231,18 @@ def test_input_past_int32_offsets():
     torch.testing.assert_close(y[2:, :512].float(), want, atol=3e-2, rtol=3e-2)
 
 
+def smoke_record(script: str, tmp_path) -> dict:
+    "Run benchmarks/<script> --smoke with its Triton kernels in the interpreter; the JSON record it writes."
+    import json
+    from script_runs import INTERPRET_ENV, ROOT, run_script
+    out = tmp_path / "record.json"
+    run_script(ROOT / "benchmarks" / script, "--smoke", "--out", out, env=INTERPRET_ENV, timeout=600)
+    return json.loads(out.read_text())
+
+
 def test_megalodon_kernel_benchmark_smoke(tmp_path):
     "benchmarks/bench_megalodon.py --smoke: every gate (CEMA and timestep norm, fp32, bf16, backward) and one timed row, on the CPU."
-    import json
-    from script_runs import ROOT, SCRIPT_ENV, run_script
-    out = tmp_path / "megalodon_kernels.json"
-    run_script(ROOT / "benchmarks" / "bench_megalodon.py", "--smoke", "--out", out,
-               env={**SCRIPT_ENV, "TRITON_INTERPRET": "1"}, timeout=600)
-    rec = json.loads(out.read_text())
+    rec = smoke_record("bench_megalodon.py", tmp_path)
     assert rec["gates_pass"] and all(rec["gates_pass"].values()), rec["gates"]
     row = rec["rows"][0]
     assert {"cema_triton_ms", "cema_triton_bf16_ms", "tsn_triton_ms", "floor_ms"} <= set(row)
@@ -247,12 +251,7 @@ def test_megalodon_kernel_benchmark_smoke(tmp_path):
 
 def test_segments_benchmark_smoke(tmp_path):
     "benchmarks/bench_cema_segments.py --smoke (the source of book/results/cema_segments_h200.json): gates, a row, the sweep."
-    import json
-    from script_runs import ROOT, SCRIPT_ENV, run_script
-    out = tmp_path / "cema_segments.json"
-    run_script(ROOT / "benchmarks" / "bench_cema_segments.py", "--smoke", "--out", out,
-               env={**SCRIPT_ENV, "TRITON_INTERPRET": "1"}, timeout=600)
-    rec = json.loads(out.read_text())
+    rec = smoke_record("bench_cema_segments.py", tmp_path)
     assert rec["gates_pass"] and rec["gates"], rec["gates"]
     assert {"new_fp32_call_ms", "new_bf16_call_ms", "segments"} <= set(rec["rows"][0])
     assert rec["sweep"] and all("relerr_vs_fp64" in e for e in rec["sweep"])
