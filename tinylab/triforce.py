@@ -561,12 +561,12 @@ class _Graph:
 
 class GraphLevels(Levels):
     """`Levels` as fixed-shape steps over the same caches, each captured once per (level, token count) as a CUDA graph
-    and replayed (off a GPU, or with `graphs=False`, the same steps run eagerly). The retrieval cache is a fixed-size
+    and replayed (off a GPU the same steps run eagerly). The retrieval cache is a fixed-size
     chunk list per layer, `n_keep` selected chunks then the `n_tail` chunks from the boundary on, rebuilt in place."""
-    def __init__(self, target, draft, full_cache, dcache, cfg, sdpa=False, graphs=True):
+    def __init__(self, target, draft, full_cache, dcache, cfg, sdpa=False):
         super().__init__(target, draft, full_cache, dcache, cfg, sdpa)
         C, dev, hkv = cfg.chunk_size, full_cache.k[0].device, full_cache.k[0].shape[1]
-        self.stream = torch.cuda.Stream(dev) if graphs and dev.type == "cuda" else None
+        self.stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
         self.graphs, self.records, self.setup_seconds = {}, {}, 0.0
         n_chunks = -(-full_cache.capacity // C)
         self.all_chunks = torch.arange(n_chunks, dtype=torch.int32, device=dev).expand(1, hkv, -1)
@@ -581,13 +581,12 @@ class GraphLevels(Levels):
 
     def _run(self, key, fn, n_inputs: int, values: list[int], device):
         "Call graph `key` (built from `fn()` the first time) on `values`; its capture time counts as set-up."
-        graph = self.graphs.get(key)
-        if graph is None:
-            graph = self.graphs[key] = _Graph(fn(), n_inputs, device, self.stream)
-            out = graph(values)
-            self.setup_seconds += graph.capture_seconds
-            return out
-        return graph(values)
+        new = key not in self.graphs
+        if new:
+            self.graphs[key] = _Graph(fn(), n_inputs, device, self.stream)
+        out = self.graphs[key](values)
+        self.setup_seconds += self.graphs[key].capture_seconds if new else 0.0
+        return out
 
     def _step(self, level: str, model, cache: FlatKVCache, tokens: list[int], select, record=None) -> torch.Tensor:
         start, t = cache.get_seq_length(), len(tokens)
