@@ -22,6 +22,13 @@ plain decoding's; plus what explains it: each level's step cost (wall clock per 
 share of the newest token's attention the retrieval cache holds, and the target's loss with the whole context
 against its last 1K tokens. `--smoke` runs tiny
 sizes on any device.
+
+`diagnose` asks whether the target uses its long context (issue #21): its loss on held-out text, on a far repeat
+and on a needle of random tokens, with the whole context and with the last 1K tokens, the attention the retrieval
+cache holds, and greedy decoding of the needle. Its training options (off by default, so that `run` trains the
+recorded target): `--sink` (a BOS token starts every window and prompt), `--log-skips` (log-uniform PoSE skips),
+`--copy-batch N` (N short windows of repeated random blocks beside every step); `run --needle` makes the far
+repeat a needle.
 """
 from __future__ import annotations
 
@@ -49,11 +56,12 @@ SIZES = {  # target, draft, training and decoding settings; "smoke" checks the s
                   steps=400, draft_steps=500, lr=6e-4, contexts=[16384, 65536, 131072, 262144, 524288], new_tokens=128,
                   budget=4096, sinks=16, draft_window=240, copy_prob=0.5, copy_len=(32, 256),
                   copy_random=True, passage=320, cue=32, temperatures=[0.0, 0.6], eager_contexts=[16384, 131072],
-                  refresh_every=10**9),
+                  refresh_every=10**9, sink=False, needle=False, log_skips=False, copy_batch=0, copy_window=256),
     "smoke": dict(d=64, layers=2, heads=2, draft_d=32, draft_layers=1, draft_heads=2, window=64, batch=4,
                   steps=20, draft_steps=10, lr=3e-3, contexts=[256, 512], new_tokens=12,
                   budget=64, sinks=8, draft_window=32, copy_prob=0.5, copy_len=(4, 16), copy_random=True,
-                  passage=40, cue=8, temperatures=[0.0, 0.6], eager_contexts=[256], refresh_every=10**9),
+                  passage=40, cue=8, temperatures=[0.0, 0.6], eager_contexts=[256], refresh_every=10**9, sink=False,
+                  needle=False, log_skips=False, copy_batch=0, copy_window=32),
 }
 
 
@@ -83,11 +91,18 @@ def llama(vocab: int, d: int, layers: int, heads: int, max_pos: int, eos: int) -
                        bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, attn_implementation="sdpa")
 
 
-def pose_positions(batch: int, window: int, max_pos: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def pose_positions(batch: int, window: int, max_pos: int, g: torch.Generator,
+                   log_skips: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """PoSE: each window is cut in two at a random point and the second part's positions skip ahead by a random
-    amount. Returns (positions [batch, window], cuts [batch])."""
+    amount, uniform up to `max_pos` as in the paper, or with `log_skips` log-uniform (as many windows skip 10-100
+    positions as 10K-100K: distances of every scale are seen, the short ones where reading far back is first learnt).
+    Returns (positions [batch, window], cuts [batch])."""
     cut = torch.randint(1, window, (batch, 1), generator=g)
-    skip = torch.randint(0, max_pos - window + 1, (batch, 1), generator=g)
+    span = max_pos - window + 1
+    if log_skips:
+        skip = (torch.rand((batch, 1), generator=g) * math.log(span)).exp().long() - 1
+    else:
+        skip = torch.randint(0, span, (batch, 1), generator=g)
     pos = torch.arange(window).expand(batch, -1)
     return pos + (pos >= cut) * skip, cut[:, 0]
 
@@ -103,9 +118,9 @@ def copy_across_cut(x: torch.Tensor, cut: torch.Tensor, prob: float, lengths: tu
     for row in range(x.shape[0]):
         L = int(torch.randint(lo, hi + 1, (), generator=g))
         c = int(cut[row])
-        if torch.rand((), generator=g) >= prob or c < L or x.shape[1] - c < L:
+        if torch.rand((), generator=g) >= prob or c <= L or x.shape[1] - c < L:
             continue
-        src = int(torch.randint(0, c - L + 1, (), generator=g))
+        src = int(torch.randint(1, c - L + 1, (), generator=g))          # (token 0 is the window's first token, kept)
         dst = int(torch.randint(c, x.shape[1] - L + 1, (), generator=g))
         if vocab is not None:
             x[row, src:src + L] = torch.randint(0, vocab, (L,), generator=g)
@@ -113,30 +128,65 @@ def copy_across_cut(x: torch.Tensor, cut: torch.Tensor, prob: float, lengths: tu
     return x
 
 
+def repeat_window(x: torch.Tensor, vocab: int, g: torch.Generator, lengths: tuple[int, int] = (16, 256)) -> torch.Tensor:
+    """A window of random tokens (after its first, the BOS) written as blocks that each come twice in a row, [a a b b ...],
+    of lengths drawn from `lengths`: half the tokens are copies of the token one block back, a dense signal for a
+    copying circuit (an induction head), close by rather than spread over a long window. `x` [window + 1] changes
+    in place."""
+    i = 1
+    while i < len(x):
+        a = torch.randint(1, vocab, (int(torch.randint(lengths[0], lengths[1] + 1, (), generator=g)),), generator=g)
+        for start in (i, i + len(a)):
+            x[start:start + len(a)] = a[:max(len(x) - start, 0)]
+        i += 2 * len(a)
+    return x
+
+
 def train(model, tokens: torch.Tensor, steps: int, batch: int, window: int, lr: float, max_pos: int, seed: int, dev,
-          copy_prob: float = 0.0, copy_len: tuple[int, int] = (32, 256), copy_random: bool = False) -> list:
+          copy_prob: float = 0.0, copy_len: tuple[int, int] = (32, 256), copy_random: bool = False, sink: bool = False,
+          log_skips: bool = False, copy_batch: int = 0, copy_window: int = 256) -> tuple[list, list]:
     """AdamW, bf16 autocast, cosine schedule; random windows of the training stream with PoSE positions, and in a
-    share `copy_prob` of them a long-range repeat (`copy_across_cut`; of random tokens with `copy_random`). Returns losses."""
+    share `copy_prob` of them a long-range repeat (`copy_across_cut`; of random tokens with `copy_random`). With `sink`,
+    every window starts with the BOS token at position 0, as a document does: a fixed first token on which heads
+    with nothing to read can park their attention (an attention sink), instead of spreading it over the context.
+    With `copy_batch`, every step also trains on that many short windows (`copy_window` tokens) of random tokens in
+    repeated blocks (`repeat_window`), where a copying circuit can form; the repeats across the cut then teach it
+    to read far back. Returns the losses on the stream's windows and on the copy windows (empty without them)."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, fused=dev.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / steps)))
-    losses, t0 = [], time.perf_counter()
+    losses, copy_losses, t0 = [], [], time.perf_counter()
     for step in range(steps):
         start = torch.randint(0, len(tokens) - window - 1, (batch,), generator=g)
         x = torch.stack([tokens[s:s + window + 1] for s in start.tolist()])
-        pos, cut = pose_positions(batch, window, max_pos, g)
+        pos, cut = pose_positions(batch, window, max_pos, g, log_skips)
         vocab = model.config.vocab_size if copy_random else None
+        if sink:
+            x[:, 0] = model.config.bos_token_id
         x, pos = copy_across_cut(x, cut, copy_prob, copy_len, g, vocab).to(dev), pos.to(dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             logits = model(input_ids=x[:, :-1], position_ids=pos).logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
-        opt.zero_grad(set_to_none=True); loss.backward()
+        total = loss
+        if copy_batch:
+            r = torch.zeros(copy_batch, copy_window + 1, dtype=torch.long)
+            for row in r:
+                repeat_window(row, model.config.vocab_size, g)
+            r[:, 0] = model.config.bos_token_id
+            r = r.to(dev)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                copy_logits = model(input_ids=r[:, :-1]).logits
+            copy_loss = F.cross_entropy(copy_logits.float().flatten(0, 1), r[:, 1:].flatten())
+            total = loss + copy_loss
+            copy_losses.append(copy_loss.item())
+        opt.zero_grad(set_to_none=True); total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step(); sched.step()
         losses.append(loss.item())
         if step % 100 == 0 or step == steps - 1:
-            print(f"  step {step:4d} loss {loss.item():.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    return losses
+            copies = f", copy windows {copy_loss.item():.3f}" if copy_batch else ""
+            print(f"  step {step:4d} loss {loss.item():.3f}{copies} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return losses, copy_losses
 
 
 def attention_share(queries: dict, cache: FlatKVCache, n: int, selection) -> dict:
@@ -262,9 +312,11 @@ def build_and_train(data: Path, S: dict, seed: int, dev: torch.device) -> dict:
     print(f"{device}; target {sum(p.numel() for p in target.parameters()) / 1e6:.1f}M, "
           f"draft {sum(p.numel() for p in draft.parameters()) / 1e6:.2f}M parameters", flush=True)
     t0 = time.perf_counter()
-    copies = dict(copy_prob=S["copy_prob"], copy_len=tuple(S["copy_len"]), copy_random=S["copy_random"])
-    print("training the target"); tl = train(target, train_tokens, S["steps"], S["batch"], S["window"], S["lr"], max_pos, seed, dev, **copies)
-    print("training the draft"); dl = train(draft, train_tokens, S["draft_steps"], S["batch"], S["window"], 3 * S["lr"], max_pos, seed + 1, dev, **copies)
+    copies = dict(copy_prob=S["copy_prob"], copy_len=tuple(S["copy_len"]), copy_random=S["copy_random"], sink=S["sink"],
+                  log_skips=S["log_skips"])
+    print("training the target"); tl, cl = train(target, train_tokens, S["steps"], S["batch"], S["window"], S["lr"], max_pos, seed, dev, **copies,
+                                             copy_batch=S["copy_batch"], copy_window=S["copy_window"])
+    print("training the draft"); dl, _ = train(draft, train_tokens, S["draft_steps"], S["batch"], S["window"], 3 * S["lr"], max_pos, seed + 1, dev, **copies)
     train_seconds = time.perf_counter() - t0
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     target, draft = target.to(dtype).eval(), draft.to(dtype).eval()
@@ -280,25 +332,35 @@ def build_and_train(data: Path, S: dict, seed: int, dev: torch.device) -> dict:
                               kv_bytes_per_token=2 * S["layers"] * S["d"] * torch.finfo(dtype).bits // 8),
                   draft=dict(layers=S["draft_layers"], d_model=S["draft_d"], params=sum(p.numel() for p in draft.parameters())),
                   training=dict(steps=S["steps"], draft_steps=S["draft_steps"], batch=S["batch"], window=S["window"],
-                                copy_prob=S["copy_prob"], copy_len=list(S["copy_len"]), copy_random=S["copy_random"],
-                                final_loss=float(np.mean(tl[-20:])), draft_final_loss=float(np.mean(dl[-20:])),
+                                copy_prob=S["copy_prob"], copy_len=list(S["copy_len"]), copy_random=S["copy_random"], sink=S["sink"],
+                                log_skips=S["log_skips"], copy_batch=S["copy_batch"], copy_window=S["copy_window"],
+                                final_loss=float(np.mean(tl[-20:])), copy_window_final_loss=float(np.mean(cl[-20:])) if cl else None, draft_final_loss=float(np.mean(dl[-20:])),
                                 seconds=train_seconds, validation_loss=val))
-    return dict(target=target, draft=draft, tokens=tokens, n_val=n_val, record=record)
+    return dict(target=target, draft=draft, tokens=tokens, n_val=n_val, record=record, bos=eos if S["sink"] else None)
 
 
-def held_out_prompt(tokens: torch.Tensor, n_val: int, ctx: int, p: int, prompts: int) -> torch.Tensor:
-    "A `ctx`-token prompt ending in held-out text (prompt `p` of `prompts`), padded from the start of the stream."
+def held_out_prompt(tokens: torch.Tensor, n_val: int, ctx: int, p: int, prompts: int, bos: int | None = None) -> torch.Tensor:
+    """A `ctx`-token prompt ending in held-out text (prompt `p` of `prompts`), padded from the start of the stream;
+    its first token is `bos` when given (as the training windows start, `train(sink=True)`)."""
     end = len(tokens) - p * (n_val // max(prompts, 1))
     ids = tokens[max(end - ctx, 0):end]
-    return torch.cat([tokens[:ctx - len(ids)], ids]) if len(ids) < ctx else ids
+    ids = torch.cat([tokens[:ctx - len(ids)], ids]) if len(ids) < ctx else ids.clone()
+    if bos is not None:
+        ids[0] = bos
+    return ids
 
 
-def repeat_prompt(ids: torch.Tensor, passage: int, cue: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def repeat_prompt(ids: torch.Tensor, passage: int, cue: int, needle: int | None = None,
+                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A prompt whose continuation is far back: a `passage`-token passage from the first 5% of `ids` is repeated at
-    the end, cut after its first `cue` tokens. Returns (prompt [ctx], the passage's rest, which a model that reads
-    its whole context can copy, and the prompt with the whole passage, on whose end `context_loss` measures it)."""
-    ctx = len(ids)
-    a = ctx // 20
+    the end, cut after its first `cue` tokens. With `needle` (the vocabulary size), the passage is first overwritten
+    with random tokens: a needle in the text that no language statistics predict, only a copy (the paper's needle
+    retrieval, its Table 1). Returns (prompt [ctx], the passage's rest, which a model that reads its whole context
+    can copy, and the prompt with the whole passage, on whose end `context_loss` measures it)."""
+    ctx, a = len(ids), len(ids) // 20
+    if needle is not None:
+        ids = ids.clone()
+        ids[a:a + passage] = torch.randint(1, needle, (passage,), generator=torch.Generator().manual_seed(seed))
     src = ids[a:a + passage]
     return torch.cat([ids[:ctx - cue], src[:cue]]), src[cue:], torch.cat([ids[:ctx - cue], src])
 
@@ -318,12 +380,13 @@ def run(data: Path, out: Path | None, size: str, seed: int = 0, **overrides):
                   triforce=dict(gamma1=tf.gamma1, gamma2=tf.gamma2, budget=tf.budget, chunk_size=tf.chunk_size,
                                 sinks=tf.sinks, window=tf.window, refresh_every=tf.refresh_every),
                   max_new_tokens=S["new_tokens"],
-                  methods=METHODS, passes=level_passes(tf), repeat=dict(passage=S["passage"], cue=S["cue"]),
+                  methods=METHODS, passes=level_passes(tf), repeat=dict(passage=S["passage"], cue=S["cue"], needle=S["needle"]),
                   rows=[], levels={})
     rows = result["rows"]
+    needle = target.config.vocab_size if S["needle"] else None
     for ctx in S["contexts"]:
-        text = held_out_prompt(tokens, n_val, ctx, 0, 1)
-        repeat, rest, with_passage = repeat_prompt(text, S["passage"], S["cue"])
+        text = held_out_prompt(tokens, n_val, ctx, 0, 1, built["bos"])
+        repeat, rest, with_passage = repeat_prompt(text, S["passage"], S["cue"], needle, seed)
         prompts = {"held-out text": text, "far repeat": repeat}
         if ctx == max(S["contexts"]) and len(S["contexts"]) > 1:   # the longest: the far repeat only (prefills take the time)
             del prompts["held-out text"]
@@ -385,10 +448,11 @@ def run(data: Path, out: Path | None, size: str, seed: int = 0, **overrides):
 
 
 def diagnose(data: Path, out: Path | None, size: str, seed: int = 0, **overrides):
-    """Does the trained target use its long context (issue #21)? At each context: the target's loss on held-out text
-    and on a far repeat (`repeat_prompt`) with the whole context and with its last 1K tokens; the share of the newest
-    token's attention the retrieval cache holds at the end of each prompt; and greedy TriForce against plain decoding
-    on the repeat prompt (identical output, acceptance of both levels, how much of the passage is copied)."""
+    """Does the trained target use its long context (issue #21)? At each context: the target's loss on held-out text,
+    on a far repeat of text and on a needle of random tokens (`repeat_prompt`) with the whole context and with its last
+    1K tokens; the share of the newest token's attention the retrieval cache holds at the end of each prompt; and
+    greedy TriForce against plain decoding on the needle (identical output, acceptance of both levels, how much of the
+    passage is copied)."""
     S = {**SIZES[size], **{k: v for k, v in overrides.items() if v is not None}}
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     built = build_and_train(data, S, seed, dev)
@@ -396,26 +460,29 @@ def diagnose(data: Path, out: Path | None, size: str, seed: int = 0, **overrides
     tf = TriForceConfig(budget=S["budget"], sinks=S["sinks"], window=S["draft_window"])
     result = dict(**built["record"], date=datetime.now(timezone.utc).strftime("%Y-%m-%d"), size=size, step="diagnose",
                   triforce=dict(gamma1=tf.gamma1, gamma2=tf.gamma2, budget=tf.budget, chunk_size=tf.chunk_size,
-                                sinks=tf.sinks, window=tf.window), repeat=dict(passage=S["passage"], cue=S["cue"]), contexts={})
+                                sinks=tf.sinks, window=tf.window), repeat=dict(passage=S["passage"], cue=S["cue"]), sink=S["sink"],
+                  contexts={})
     for ctx in S["contexts"]:
-        text = held_out_prompt(tokens, n_val, ctx, 0, 1)
-        prompt, rest, with_passage = repeat_prompt(text, S["passage"], S["cue"])
+        text = held_out_prompt(tokens, n_val, ctx, 0, 1, built["bos"])
+        tail = S["passage"] - S["cue"]
         row = {"loss, held-out text": context_loss(target, text.tolist()),
-               "loss, far repeat": context_loss(target, with_passage.tolist(), tail=S["passage"] - S["cue"]),
-               "attention share, held-out text": attention_at_end(target, text.tolist(), tf),
-               "attention share, far repeat": attention_at_end(target, prompt.tolist(), tf)}
+               "attention share, held-out text": attention_at_end(target, text.tolist(), tf)}
+        for kind, needle in (("far repeat", None), ("needle", target.config.vocab_size)):
+            prompt, rest, with_passage = repeat_prompt(text, S["passage"], S["cue"], needle, seed)
+            row[f"loss, {kind}"] = context_loss(target, with_passage.tolist(), tail=tail)
+            row[f"attention share, {kind}"] = attention_at_end(target, prompt.tolist(), tf)
         n = min(S["new_tokens"], len(rest))
         plain, st_plain = autoregressive_generate(target, prompt, n)
         fast, st = triforce_generate(target, draft, prompt, n, tf)
-        row["far repeat, greedy"] = dict(new_tokens=n, copied=int((plain[ctx:ctx + n] == rest[:n]).sum()),
-                                         same_as_plain=bool(torch.equal(fast, plain)), draft_acceptance=st.draft_acceptance,
-                                         middle_acceptance=st.middle_acceptance, tokens_per_round=st.tokens_per_round,
-                                         plain_decode_s=st_plain.decode_seconds, triforce_decode_s=st.decode_seconds)
-        if not row["far repeat, greedy"]["same_as_plain"]:   # where they part, and how close the target's top two were
+        row["needle, greedy"] = dict(new_tokens=n, copied=int((plain[ctx:ctx + n] == rest[:n]).sum()),
+                                     same_as_plain=bool(torch.equal(fast, plain)), draft_acceptance=st.draft_acceptance,
+                                     middle_acceptance=st.middle_acceptance, tokens_per_round=st.tokens_per_round,
+                                     plain_decode_s=st_plain.decode_seconds, triforce_decode_s=st.decode_seconds)
+        if not row["needle, greedy"]["same_as_plain"]:   # where they part, and how close the target's top two were
             i = int((fast[:len(plain)] != plain[:len(fast)]).nonzero()[0])
             with torch.no_grad():
                 top2 = target(input_ids=plain[None, :i].to(dev)).logits[0, -1].float().topk(2).values
-            row["far repeat, greedy"].update(first_difference=i - ctx, top2_logit_gap_there=float(top2[0] - top2[1]))
+            row["needle, greedy"].update(first_difference=i - ctx, top2_logit_gap_there=float(top2[0] - top2[1]))
         result["contexts"][str(ctx)] = row
         print(f"{ctx:>7}: {json.dumps(row)}", flush=True)
         if out is not None:                                # after every context, so a cut-off run keeps what it measured
@@ -441,6 +508,11 @@ if __name__ == "__main__":
     ap.add_argument("--heads", type=int, help="override the target's heads")
     ap.add_argument("--window", type=int, help="override the training window (tokens)")
     ap.add_argument("--batch", type=int, help="override the training batch (windows)")
+    ap.add_argument("--sink", action="store_const", const=True, help="start every training window and prompt with the BOS token")
+    ap.add_argument("--needle", action="store_const", const=True, help="run: the far repeat's passage is a needle of random tokens")
+    ap.add_argument("--lr", type=float, help="override the learning rate")
+    ap.add_argument("--log-skips", action="store_const", const=True, help="PoSE skips log-uniform rather than uniform (the paper's)")
+    ap.add_argument("--copy-batch", type=int, help="short windows of repeated random blocks trained beside every batch (the target)")
     args = ap.parse_args()
     if args.step == "prepare":
         prepare(args.data)
@@ -448,4 +520,6 @@ if __name__ == "__main__":
         (run if args.step == "run" else diagnose)(args.data, args.out, "smoke" if args.smoke else "full",
                                                   contexts=args.contexts, steps=args.steps, draft_steps=args.steps,
                                                   new_tokens=args.new_tokens, copy_prob=args.copy_prob, layers=args.layers,
-                                                  d=args.d_model, heads=args.heads, window=args.window, batch=args.batch)
+                                                  d=args.d_model, heads=args.heads, window=args.window, batch=args.batch,
+                                                  sink=args.sink, lr=args.lr,
+                                                  log_skips=args.log_skips, copy_batch=args.copy_batch, needle=args.needle)

@@ -39,18 +39,46 @@ def test_triforce_e2e_smoke(tmp_path):
 
 
 def test_triforce_e2e_diagnose_smoke(tmp_path):
-    "The diagnose step (issue #21): losses with the whole context and the last 1K, attention shares, a far repeat."
+    """The diagnose step (issue #21): losses with the whole context and the last 1K, attention shares, a far repeat
+    and a needle; trained here with every option (a BOS sink, log-uniform skips, a copy batch)."""
     out = tmp_path / "diagnose.json"
     run_script(BENCH / "bench_triforce_e2e.py", "diagnose", "--smoke", "--data", made_up_stream(tmp_path), "--out", out,
-               timeout=600)
+               "--sink", "--log-skips", "--copy-batch", "4", timeout=600)
     result = json.loads(out.read_text())
-    assert result["training"]["copy_prob"] > 0 and set(result["contexts"]) == {"256", "512"}
+    tr = result["training"]
+    assert tr["copy_prob"] > 0 and tr["sink"] and tr["log_skips"] and tr["copy_batch"] == 4 and tr["copy_window_final_loss"] > 0
+    assert set(result["contexts"]) == {"256", "512"}
     for row in result["contexts"].values():
-        for kind in ("held-out text", "far repeat"):
+        for kind in ("held-out text", "far repeat", "needle"):
             assert len(row[f"loss, {kind}"]) == 2
             assert 0 < row[f"attention share, {kind}"]["retrieval cache"] <= 1 + 1e-6
-        greedy = row["far repeat, greedy"]
+        greedy = row["needle, greedy"]
         assert greedy["same_as_plain"] and 0 <= greedy["copied"] <= greedy["new_tokens"]
+
+
+def test_triforce_e2e_training_data():
+    """The training options' data: blocks of random tokens each written twice in a row, PoSE skips at every scale
+    with the first position 0, prompts that start with BOS, and a needle of random tokens repeated at the end."""
+    import torch
+    e2e = load_script(BENCH / "bench_triforce_e2e.py")
+    g = torch.Generator().manual_seed(0)
+    x = e2e.repeat_window(torch.zeros(300, dtype=torch.long), 50, g, lengths=(3, 9))
+    assert x[0] == 0 and (x[1:] > 0).all()
+    i = 1
+    while i < len(x):                                     # walk the blocks: each one followed by its copy
+        L = next(L for L in range(3, 10) if torch.equal(x[i:i + L][:len(x) - i - L], x[i + L:i + 2 * L]))
+        i += 2 * L
+    pos, cut = e2e.pose_positions(4000, 64, 100_000, g, log_skips=True)
+    skips = pos[:, -1] - 63
+    assert (pos[:, 0] == 0).all() and (skips >= 0).all() and skips.max() < 100_000 - 64 + 1
+    assert (skips < 100).float().mean() > 0.25 and (skips > 10_000).float().mean() > 0.1   # short and long alike
+    tokens = torch.arange(1, 1001)
+    prompt = e2e.held_out_prompt(tokens, 200, 300, 0, 1, bos=0)
+    assert prompt[0] == 0 and torch.equal(prompt[1:], tokens[-299:])
+    p, rest, whole = e2e.repeat_prompt(prompt, passage=40, cue=8, needle=50)
+    a = len(prompt) // 20
+    assert torch.equal(p[-8:], whole[a:a + 8]) and torch.equal(rest, whole[a + 8:a + 40]) and (whole[a:a + 40] < 50).all()
+    assert torch.equal(whole[-40:], whole[a:a + 40]) and len(p) == len(prompt)
 
 
 def test_long_range_copies_land_after_the_cut():
