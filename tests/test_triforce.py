@@ -171,7 +171,8 @@ def test_flat_cache_with_the_models_own_attention(models, attn):
 
 def test_cache_keyword_and_a_model_that_ignores_the_cache():
     from types import SimpleNamespace
-    from tinylab.triforce import _cache_keyword, _forward
+    from tinylab.core import cache_keyword
+    from tinylab.triforce import _forward
 
     class OldStyle(torch.nn.Module):                     # transformers before the `cache` keyword
         def forward(self, input_ids, position_ids=None, past_key_values=None, use_cache=None, **kwargs):
@@ -179,7 +180,7 @@ def test_cache_keyword_and_a_model_that_ignores_the_cache():
 
     old = OldStyle()
     old.w = torch.nn.Parameter(torch.zeros(1))
-    assert _cache_keyword(old) == "past_key_values"
+    assert cache_keyword(type(old)) == "past_key_values"
     cache = SimpleNamespace(get_seq_length=lambda: 0)
     with pytest.raises(RuntimeError, match="did not write"):          # it swallows the cache: fail, never decode blind
         _forward(old, [1, 2], cache)

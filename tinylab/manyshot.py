@@ -16,6 +16,7 @@ from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerFast
 
+from .core import cache_keyword
 from .lm import EOS
 
 # %% auto #0
@@ -171,15 +172,10 @@ def build_prompt(shots: Dataset, order: Sequence[int], k: int, preamble: Sequenc
     return tokens
 
 # %% ../nbs/30_manyshot.ipynb #cell-016
-def _cache_kw(model: PreTrainedModel) -> str:
-    "The keyword a model's forward takes its KV cache by: `cache` in newer `transformers`, `past_key_values` before."
-    import inspect
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-
 @torch.no_grad()
 def encode_prefix(model: PreTrainedModel, ids: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     "Run the shared prefix through `model` once; its keys and values per layer, each (1, Hkv, P, D)."
-    out = model(input_ids=torch.tensor([list(ids)], device=model.device), **{_cache_kw(model): DynamicCache()}, use_cache=True)
+    out = model(input_ids=torch.tensor([list(ids)], device=model.device), **{cache_keyword(type(model)): DynamicCache()}, use_cache=True)
     return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
 
 def prefix_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], length: int, batch: int) -> DynamicCache:
@@ -205,7 +201,7 @@ def suffix_logits(model: PreTrainedModel, kv, prefix_len: int, query_ids: torch.
     if use_kernel is None:
         use_kernel = query_ids.is_cuda
     if not use_kernel:
-        return model(input_ids=query_ids, **{_cache_kw(model): prefix_cache(kv, prefix_len, B)}, use_cache=True).logits
+        return model(input_ids=query_ids, **{cache_keyword(type(model)): prefix_cache(kv, prefix_len, B)}, use_cache=True).logits
     from tinylab.kernels.shared_prefix_attention import SharedPrefix, register_shared_prefix_attention
     sp = SharedPrefix.from_kv(kv, prefix_len, use_triton=True)        # views of the first prefix_len positions
     pos = torch.arange(prefix_len, prefix_len + Q, device=query_ids.device).expand(B, Q)
@@ -318,7 +314,7 @@ def generate_after_prefix(model: PreTrainedModel, kv, prefix_len: int, query_ids
         seq = query_ids
         logits = suffix_logits(model, kv, prefix_len, seq, True)[:, -1].float()
     else:
-        cache, kw = prefix_cache(kv, prefix_len, B), _cache_kw(model)
+        cache, kw = prefix_cache(kv, prefix_len, B), cache_keyword(type(model))
         logits = model(input_ids=query_ids, **{kw: cache}, use_cache=True).logits[:, -1].float()
     out, done = [[] for _ in range(B)], torch.zeros(B, dtype=torch.bool)
     for _ in range(max_new):

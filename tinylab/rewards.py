@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from .core import cache_keyword
+
 # %% auto #0
 __all__ = ['EOS_TOKEN', 'PAD_TOKEN', 'ATTRIBUTES', 'NAMES', 'AGES', 'FUNCTION', 'CONCEPTS', 'VALUE_OF', 'SOUNDS', 'LABELLERS',
            'Language', 'make_languages', 'Record', 'sample_record', 'render_prompt', 'render_summary',
@@ -326,7 +328,7 @@ def sample(model, prompts: torch.Tensor, max_new: int, *, temperature: float = 1
             done |= nxt == eos_id
             if done.all():
                 break
-            out = model(input_ids=nxt[:, None], past_key_values=cache, use_cache=True)
+            out = model(input_ids=nxt[:, None], use_cache=True, **{cache_keyword(type(model)): cache})
             cache, logits = out.past_key_values, out.logits[:, -1]
         block = torch.stack(new, 1)
         outs.append(F.pad(block, (0, max_new - block.shape[1]), value=pad_id))

@@ -5,8 +5,6 @@
 # %% ../nbs/21_triforce.ipynb #cell-004
 from __future__ import annotations
 
-import functools
-import inspect
 import time
 from dataclasses import dataclass
 
@@ -14,7 +12,7 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.cache_utils import Cache
 
-from .core import FAILS, HOLDS, INCONCLUSIVE
+from .core import FAILS, HOLDS, INCONCLUSIVE, cache_keyword
 from .kernels.sparse_decode_attention import sparse_decode_attention
 
 # %% auto #0
@@ -291,18 +289,12 @@ def _now(model) -> float:
     return time.perf_counter()
 
 
-@functools.cache
-def _cache_keyword(model_class: type) -> str:
-    "The keyword a model class's `forward` takes its KV cache by: `cache` in recent `transformers`, `past_key_values` before."
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
-
-
 def _forward(model, tokens: list[int], cache: FlatKVCache, select=None, record=None) -> torch.Tensor:
     "Logits [t, V] of `tokens` appended to `cache`, at the positions that follow it."
     start, dev = cache.get_seq_length(), next(model.parameters()).device
     pos = torch.arange(start, start + len(tokens), device=dev)[None]
     logits = model(input_ids=torch.tensor([tokens], device=dev), position_ids=pos, use_cache=True,
-                   kv_select=select, kv_record=record, **{_cache_keyword(type(model)): cache}).logits[0]
+                   kv_select=select, kv_record=record, **{cache_keyword(type(model)): cache}).logits[0]
     if cache.get_seq_length() != start + len(tokens):   # an unknown keyword would be swallowed: fail loudly instead
         raise RuntimeError(f"{type(model).__name__} did not write its keys and values into the FlatKVCache")
     return logits
@@ -518,7 +510,7 @@ def streaming_chunks(start: torch.Tensor, t: int, hkv: int, sinks: int, window: 
 def _static_pass(model, cache: FlatKVCache, t: int, select, record: dict | None = None):
     """A forward pass of `t` new tokens as a function of one int64 device buffer [start, token ids...]: positions, the
     cache writes and the valid length are computed on the device, and `select(start, t, length)` names what it reads."""
-    keyword = _cache_keyword(type(model))
+    keyword = cache_keyword(type(model))
 
     def run(inputs: torch.Tensor) -> torch.Tensor:
         start = inputs[0]
