@@ -27,8 +27,8 @@ sizes on any device.
 and on a needle of random tokens, with the whole context and with the last 1K tokens, the attention the retrieval
 cache holds, and greedy decoding of the needle. Its training options (off by default, so that `run` trains the
 recorded target): `--sink` (a BOS token starts every window and prompt), `--log-skips` (log-uniform PoSE skips),
-`--copy-batch N` (N short windows of repeated random blocks beside every step); `run --needle` makes the far
-repeat a needle.
+`--copy-batch N` (N short windows of repeated random blocks beside every step), `--copy-warmup N` (up to N steps
+on those windows alone first, until the model copies); `run --needle` makes the far repeat a needle.
 """
 from __future__ import annotations
 
@@ -56,12 +56,13 @@ SIZES = {  # target, draft, training and decoding settings; "smoke" checks the s
                   steps=400, draft_steps=500, lr=6e-4, contexts=[16384, 65536, 131072, 262144, 524288], new_tokens=128,
                   budget=4096, sinks=16, draft_window=240, copy_prob=0.5, copy_len=(32, 256),
                   copy_random=True, passage=320, cue=32, temperatures=[0.0, 0.6], eager_contexts=[16384, 131072],
-                  refresh_every=10**9, sink=False, needle=False, log_skips=False, copy_batch=0, copy_window=256),
+                  refresh_every=10**9, sink=False, needle=False, log_skips=False, copy_batch=0, copy_window=256,
+                  copy_warmup=0),
     "smoke": dict(d=64, layers=2, heads=2, draft_d=32, draft_layers=1, draft_heads=2, window=64, batch=4,
                   steps=20, draft_steps=10, lr=3e-3, contexts=[256, 512], new_tokens=12,
                   budget=64, sinks=8, draft_window=32, copy_prob=0.5, copy_len=(4, 16), copy_random=True,
                   passage=40, cue=8, temperatures=[0.0, 0.6], eager_contexts=[256], refresh_every=10**9, sink=False,
-                  needle=False, log_skips=False, copy_batch=0, copy_window=32),
+                  needle=False, log_skips=False, copy_batch=0, copy_window=64, copy_warmup=0),
 }
 
 
@@ -142,20 +143,50 @@ def repeat_window(x: torch.Tensor, vocab: int, g: torch.Generator, lengths: tupl
     return x
 
 
+def copy_windows_loss(model, n: int, window: int, g: torch.Generator, dev) -> torch.Tensor:
+    """The loss on `n` windows of `window` random tokens after a BOS, in blocks of 8 to `window / 4` tokens each written
+    twice in a row (`repeat_window`): at chance, ln V, a model that cannot copy; about half that, one that can."""
+    r = torch.zeros(n, window + 1, dtype=torch.long)
+    for row in r:
+        repeat_window(row, model.config.vocab_size, g, (8, max(16, window // 4)))
+    r[:, 0] = model.config.bos_token_id
+    r = r.to(dev)
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        logits = model(input_ids=r[:, :-1]).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), r[:, 1:].flatten())
+
+
 def train(model, tokens: torch.Tensor, steps: int, batch: int, window: int, lr: float, max_pos: int, seed: int, dev,
           copy_prob: float = 0.0, copy_len: tuple[int, int] = (32, 256), copy_random: bool = False, sink: bool = False,
-          log_skips: bool = False, copy_batch: int = 0, copy_window: int = 256) -> tuple[list, list]:
+          log_skips: bool = False, copy_batch: int = 0, copy_window: int = 256, copy_warmup: int = 0) -> dict:
     """AdamW, bf16 autocast, cosine schedule; random windows of the training stream with PoSE positions, and in a
     share `copy_prob` of them a long-range repeat (`copy_across_cut`; of random tokens with `copy_random`). With `sink`,
     every window starts with the BOS token at position 0, as a document does: a fixed first token on which heads
     with nothing to read can park their attention (an attention sink), instead of spreading it over the context.
     With `copy_batch`, every step also trains on that many short windows (`copy_window` tokens) of random tokens in
-    repeated blocks (`repeat_window`), where a copying circuit can form; the repeats across the cut then teach it
-    to read far back. Returns the losses on the stream's windows and on the copy windows (empty without them)."""
+    repeated blocks (`copy_windows_loss`), and with `copy_warmup` the training starts with up to that many steps on
+    such windows alone, until their loss falls below 0.7 ln V: a copying circuit (an induction head) forms there,
+    after a plateau, and the repeats across the cut then teach it to read far back in text. Returns the losses:
+    "stream" (the stream's windows), "copy" (the copy batch's) and "warmup" (the copy-only steps')."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, fused=dev.type == "cuda")
+    losses, copy_losses, warmup_losses, t0 = [], [], [], time.perf_counter()
+    for step in range(copy_warmup):
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1, (step + 1) / 50)
+        warm = copy_windows_loss(model, copy_batch or 32, copy_window, g, dev)
+        opt.zero_grad(set_to_none=True); warm.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        warmup_losses.append(warm.item())
+        formed = len(warmup_losses) >= 20 and np.mean(warmup_losses[-20:]) < 0.7 * math.log(model.config.vocab_size)
+        if step % 100 == 0 or formed:
+            print(f"  copy warm-up {step:4d} loss {warm.item():.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        if formed:
+            break
+    for group in opt.param_groups:
+        group["lr"] = lr
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / steps)))
-    losses, copy_losses, t0 = [], [], time.perf_counter()
     for step in range(steps):
         start = torch.randint(0, len(tokens) - window - 1, (batch,), generator=g)
         x = torch.stack([tokens[s:s + window + 1] for s in start.tolist()])
@@ -169,14 +200,7 @@ def train(model, tokens: torch.Tensor, steps: int, batch: int, window: int, lr: 
         loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
         total = loss
         if copy_batch:
-            r = torch.zeros(copy_batch, copy_window + 1, dtype=torch.long)
-            for row in r:
-                repeat_window(row, model.config.vocab_size, g)
-            r[:, 0] = model.config.bos_token_id
-            r = r.to(dev)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                copy_logits = model(input_ids=r[:, :-1]).logits
-            copy_loss = F.cross_entropy(copy_logits.float().flatten(0, 1), r[:, 1:].flatten())
+            copy_loss = copy_windows_loss(model, copy_batch, copy_window, g, dev)
             total = loss + copy_loss
             copy_losses.append(copy_loss.item())
         opt.zero_grad(set_to_none=True); total.backward()
@@ -186,7 +210,7 @@ def train(model, tokens: torch.Tensor, steps: int, batch: int, window: int, lr: 
         if step % 100 == 0 or step == steps - 1:
             copies = f", copy windows {copy_loss.item():.3f}" if copy_batch else ""
             print(f"  step {step:4d} loss {loss.item():.3f}{copies} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    return losses, copy_losses
+    return dict(stream=losses, copy=copy_losses, warmup=warmup_losses)
 
 
 def attention_share(queries: dict, cache: FlatKVCache, n: int, selection) -> dict:
@@ -314,9 +338,12 @@ def build_and_train(data: Path, S: dict, seed: int, dev: torch.device) -> dict:
     t0 = time.perf_counter()
     copies = dict(copy_prob=S["copy_prob"], copy_len=tuple(S["copy_len"]), copy_random=S["copy_random"], sink=S["sink"],
                   log_skips=S["log_skips"])
-    print("training the target"); tl, cl = train(target, train_tokens, S["steps"], S["batch"], S["window"], S["lr"], max_pos, seed, dev, **copies,
-                                             copy_batch=S["copy_batch"], copy_window=S["copy_window"])
-    print("training the draft"); dl, _ = train(draft, train_tokens, S["draft_steps"], S["batch"], S["window"], 3 * S["lr"], max_pos, seed + 1, dev, **copies)
+    print("training the target"); th = train(target, train_tokens, S["steps"], S["batch"], S["window"], S["lr"], max_pos, seed, dev,
+                                             **copies, copy_batch=S["copy_batch"], copy_window=S["copy_window"],
+                                             copy_warmup=S["copy_warmup"])
+    print("training the draft"); dh = train(draft, train_tokens, S["draft_steps"], S["batch"], S["window"], 3 * S["lr"], max_pos,
+                                            seed + 1, dev, **copies)
+    tl, cl, wl, dl = th["stream"], th["copy"], th["warmup"], dh["stream"]
     train_seconds = time.perf_counter() - t0
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     target, draft = target.to(dtype).eval(), draft.to(dtype).eval()
@@ -334,6 +361,8 @@ def build_and_train(data: Path, S: dict, seed: int, dev: torch.device) -> dict:
                   training=dict(steps=S["steps"], draft_steps=S["draft_steps"], batch=S["batch"], window=S["window"],
                                 copy_prob=S["copy_prob"], copy_len=list(S["copy_len"]), copy_random=S["copy_random"], sink=S["sink"],
                                 log_skips=S["log_skips"], copy_batch=S["copy_batch"], copy_window=S["copy_window"],
+                                copy_warmup=S["copy_warmup"], copy_warmup_steps=len(wl),
+                                copy_warmup_final_loss=float(np.mean(wl[-20:])) if wl else None,
                                 final_loss=float(np.mean(tl[-20:])), copy_window_final_loss=float(np.mean(cl[-20:])) if cl else None, draft_final_loss=float(np.mean(dl[-20:])),
                                 seconds=train_seconds, validation_loss=val))
     return dict(target=target, draft=draft, tokens=tokens, n_val=n_val, record=record, bos=eos if S["sink"] else None)
@@ -513,6 +542,7 @@ if __name__ == "__main__":
     ap.add_argument("--lr", type=float, help="override the learning rate")
     ap.add_argument("--log-skips", action="store_const", const=True, help="PoSE skips log-uniform rather than uniform (the paper's)")
     ap.add_argument("--copy-batch", type=int, help="short windows of repeated random blocks trained beside every batch (the target)")
+    ap.add_argument("--copy-warmup", type=int, help="at most this many steps on copy windows alone before the stream (the target)")
     args = ap.parse_args()
     if args.step == "prepare":
         prepare(args.data)
@@ -522,4 +552,5 @@ if __name__ == "__main__":
                                                   new_tokens=args.new_tokens, copy_prob=args.copy_prob, layers=args.layers,
                                                   d=args.d_model, heads=args.heads, window=args.window, batch=args.batch,
                                                   sink=args.sink, lr=args.lr,
-                                                  log_skips=args.log_skips, copy_batch=args.copy_batch, needle=args.needle)
+                                                  log_skips=args.log_skips, copy_batch=args.copy_batch, needle=args.needle,
+                                                  copy_warmup=args.copy_warmup)

@@ -40,13 +40,14 @@ def test_triforce_e2e_smoke(tmp_path):
 
 def test_triforce_e2e_diagnose_smoke(tmp_path):
     """The diagnose step (issue #21): losses with the whole context and the last 1K, attention shares, a far repeat
-    and a needle; trained here with every option (a BOS sink, log-uniform skips, a copy batch)."""
+    and a needle; trained here with every option (a BOS sink, log-uniform skips, a copy batch after a copy warm-up)."""
     out = tmp_path / "diagnose.json"
     run_script(BENCH / "bench_triforce_e2e.py", "diagnose", "--smoke", "--data", made_up_stream(tmp_path), "--out", out,
-               "--sink", "--log-skips", "--copy-batch", "4", timeout=600)
+               "--sink", "--log-skips", "--copy-batch", "4", "--copy-warmup", "5", timeout=600)
     result = json.loads(out.read_text())
     tr = result["training"]
     assert tr["copy_prob"] > 0 and tr["sink"] and tr["log_skips"] and tr["copy_batch"] == 4 and tr["copy_window_final_loss"] > 0
+    assert 1 <= tr["copy_warmup_steps"] <= 5 and tr["copy_warmup_final_loss"] > 0
     assert set(result["contexts"]) == {"256", "512"}
     for row in result["contexts"].values():
         for kind in ("held-out text", "far repeat", "needle"):
