@@ -57,6 +57,24 @@ def test_triforce_e2e_diagnose_smoke(tmp_path):
         assert greedy["same_as_plain"] and 0 <= greedy["copied"] <= greedy["new_tokens"]
 
 
+def test_pose_windows_attend_across_the_cut():
+    """Training forward as `train` calls it: with `position_ids` and no attention mask, transformers reads a jump in
+    positions as the border of packed sequences unless it builds a cache (`use_cache`, on by default). A PoSE window
+    must stay one sequence, or nothing after the cut can learn to read what is before it."""
+    import torch
+    from transformers import LlamaForCausalLM
+    e2e = load_script(BENCH / "bench_triforce_e2e.py")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(e2e.llama(100, 32, 1, 2, 4096, 0)).train()
+    x = torch.randint(1, 100, (2, 16))
+    pos = torch.arange(16).expand(2, -1).clone()
+    pos[:, 8:] += 1000                                    # the cut at 8, a skip of 1000
+    y = x.clone()
+    y[:, 2] = (y[:, 2] + 1) % 100                         # change one token before the cut
+    after = lambda ids: model(input_ids=ids, position_ids=pos).logits[:, 8:]
+    assert (after(x) - after(y)).abs().max() > 1e-6
+
+
 def test_triforce_e2e_training_data():
     """The training options' data: blocks of random tokens each written twice in a row, PoSE skips at every scale
     with the first position 0, prompts that start with BOS, and a needle of random tokens repeated at the end."""
