@@ -129,7 +129,7 @@ def copy_across_cut(x: torch.Tensor, cut: torch.Tensor, prob: float, lengths: tu
     return x
 
 
-def repeat_window(x: torch.Tensor, vocab: int, g: torch.Generator, lengths: tuple[int, int] = (16, 256)) -> torch.Tensor:
+def repeat_window(x: torch.Tensor, vocab: int, g: torch.Generator, lengths: tuple[int, int]) -> torch.Tensor:
     """A window of random tokens (after its first, the BOS) written as blocks that each come twice in a row, [a a b b ...],
     of lengths drawn from `lengths`: half the tokens are copies of the token one block back, a dense signal for a
     copying circuit (an induction head), close by rather than spread over a long window. `x` [window + 1] changes
@@ -143,6 +143,13 @@ def repeat_window(x: torch.Tensor, vocab: int, g: torch.Generator, lengths: tupl
     return x
 
 
+def lm_loss(model, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    "Next-token loss of `model` on windows `x` [batch, window + 1] (on its device), in bf16 autocast on a GPU."
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        logits = model(input_ids=x[:, :-1], position_ids=position_ids).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+
+
 def copy_windows_loss(model, n: int, window: int, g: torch.Generator, dev) -> torch.Tensor:
     """The loss on `n` windows of `window` random tokens after a BOS, in blocks of 8 to `window / 4` tokens each written
     twice in a row (`repeat_window`): at chance, ln V, a model that cannot copy; about half that, one that can."""
@@ -150,10 +157,7 @@ def copy_windows_loss(model, n: int, window: int, g: torch.Generator, dev) -> to
     for row in r:
         repeat_window(row, model.config.vocab_size, g, (8, max(16, window // 4)))
     r[:, 0] = model.config.bos_token_id
-    r = r.to(dev)
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-        logits = model(input_ids=r[:, :-1]).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), r[:, 1:].flatten())
+    return lm_loss(model, r.to(dev))
 
 
 def train(model, tokens: torch.Tensor, steps: int, batch: int, window: int, lr: float, max_pos: int, seed: int, dev,
@@ -170,14 +174,18 @@ def train(model, tokens: torch.Tensor, steps: int, batch: int, window: int, lr: 
     "stream" (the stream's windows), "copy" (the copy batch's) and "warmup" (the copy-only steps')."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, fused=dev.type == "cuda")
+
+    def update(loss):
+        opt.zero_grad(set_to_none=True); loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
     losses, copy_losses, warmup_losses, t0 = [], [], [], time.perf_counter()
     for step in range(copy_warmup):
         for group in opt.param_groups:
             group["lr"] = lr * min(1, (step + 1) / 50)
         warm = copy_windows_loss(model, copy_batch or 32, copy_window, g, dev)
-        opt.zero_grad(set_to_none=True); warm.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        update(warm)
         warmup_losses.append(warm.item())
         formed = len(warmup_losses) >= 20 and np.mean(warmup_losses[-20:]) < 0.7 * math.log(model.config.vocab_size)
         if step % 100 == 0 or formed:
@@ -195,17 +203,13 @@ def train(model, tokens: torch.Tensor, steps: int, batch: int, window: int, lr: 
         if sink:
             x[:, 0] = model.config.bos_token_id
         x, pos = copy_across_cut(x, cut, copy_prob, copy_len, g, vocab).to(dev), pos.to(dev)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            logits = model(input_ids=x[:, :-1], position_ids=pos).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
-        total = loss
+        loss = total = lm_loss(model, x, pos)
         if copy_batch:
             copy_loss = copy_windows_loss(model, copy_batch, copy_window, g, dev)
             total = loss + copy_loss
             copy_losses.append(copy_loss.item())
-        opt.zero_grad(set_to_none=True); total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step(); sched.step()
+        update(total)
+        sched.step()
         losses.append(loss.item())
         if step % 100 == 0 or step == steps - 1:
             copies = f", copy windows {copy_loss.item():.3f}" if copy_batch else ""
@@ -351,8 +355,7 @@ def build_and_train(data: Path, S: dict, seed: int, dev: torch.device) -> dict:
     # validation loss of the trained models on held-out windows (contiguous positions), a sanity check
     with torch.no_grad():
         xs = torch.stack([tokens[len(tokens) - n_val + i * S["window"]:][:S["window"] + 1] for i in range(8)]).to(dev)
-        val = {name: F.cross_entropy(m(input_ids=xs[:, :-1]).logits.float().flatten(0, 1), xs[:, 1:].flatten()).item()
-               for name, m in (("target", target), ("draft", draft))}
+        val = {name: lm_loss(m, xs).item() for name, m in (("target", target), ("draft", draft))}
     print(f"validation loss: {val}", flush=True)
     record = dict(device=device, torch=torch.__version__, transformers=transformers.__version__,
                   target=dict(layers=S["layers"], d_model=S["d"], heads=S["heads"], params=sum(p.numel() for p in target.parameters()),
@@ -489,8 +492,7 @@ def diagnose(data: Path, out: Path | None, size: str, seed: int = 0, **overrides
     tf = TriForceConfig(budget=S["budget"], sinks=S["sinks"], window=S["draft_window"])
     result = dict(**built["record"], date=datetime.now(timezone.utc).strftime("%Y-%m-%d"), size=size, step="diagnose",
                   triforce=dict(gamma1=tf.gamma1, gamma2=tf.gamma2, budget=tf.budget, chunk_size=tf.chunk_size,
-                                sinks=tf.sinks, window=tf.window), repeat=dict(passage=S["passage"], cue=S["cue"]), sink=S["sink"],
-                  contexts={})
+                                sinks=tf.sinks, window=tf.window), repeat=dict(passage=S["passage"], cue=S["cue"]), contexts={})
     for ctx in S["contexts"]:
         text = held_out_prompt(tokens, n_val, ctx, 0, 1, built["bos"])
         tail = S["passage"] - S["cue"]
