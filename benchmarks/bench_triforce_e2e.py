@@ -28,7 +28,8 @@ and on a needle of random tokens, with the whole context and with the last 1K to
 cache holds, and greedy decoding of the needle. Its training options (off by default, so that `run` trains the
 recorded target): `--sink` (a BOS token starts every window and prompt), `--log-skips` (log-uniform PoSE skips),
 `--copy-batch N` (N short windows of repeated random blocks beside every step), `--copy-warmup N` (up to N steps
-on those windows alone first, until the model copies); `run --needle` makes the far repeat a needle.
+on those windows alone first, until the model copies; `--warmup-lr` its learning rate); `run --needle` makes the far
+repeat a needle.
 """
 from __future__ import annotations
 
@@ -57,12 +58,12 @@ SIZES = {  # target, draft, training and decoding settings; "smoke" checks the s
                   budget=4096, sinks=16, draft_window=240, copy_prob=0.5, copy_len=(32, 256),
                   copy_random=True, passage=320, cue=32, temperatures=[0.0, 0.6], eager_contexts=[16384, 131072],
                   refresh_every=10**9, sink=False, needle=False, log_skips=False, copy_batch=0, copy_window=256,
-                  copy_warmup=0),
+                  copy_warmup=0, warmup_lr=None),
     "smoke": dict(d=64, layers=2, heads=2, draft_d=32, draft_layers=1, draft_heads=2, window=64, batch=4,
                   steps=20, draft_steps=10, lr=3e-3, contexts=[256, 512], new_tokens=12,
                   budget=64, sinks=8, draft_window=32, copy_prob=0.5, copy_len=(4, 16), copy_random=True,
                   passage=40, cue=8, temperatures=[0.0, 0.6], eager_contexts=[256], refresh_every=10**9, sink=False,
-                  needle=False, log_skips=False, copy_batch=0, copy_window=64, copy_warmup=0),
+                  needle=False, log_skips=False, copy_batch=0, copy_window=64, copy_warmup=0, warmup_lr=None),
 }
 
 
@@ -162,7 +163,8 @@ def copy_windows_loss(model, n: int, window: int, g: torch.Generator, dev) -> to
 
 def train(model, tokens: torch.Tensor, steps: int, batch: int, window: int, lr: float, max_pos: int, seed: int, dev,
           copy_prob: float = 0.0, copy_len: tuple[int, int] = (32, 256), copy_random: bool = False, sink: bool = False,
-          log_skips: bool = False, copy_batch: int = 0, copy_window: int = 256, copy_warmup: int = 0) -> dict:
+          log_skips: bool = False, copy_batch: int = 0, copy_window: int = 256, copy_warmup: int = 0,
+          warmup_lr: float | None = None) -> dict:
     """AdamW, bf16 autocast, cosine schedule; random windows of the training stream with PoSE positions, and in a
     share `copy_prob` of them a long-range repeat (`copy_across_cut`; of random tokens with `copy_random`). With `sink`,
     every window starts with the BOS token at position 0, as a document does: a fixed first token on which heads
@@ -170,7 +172,9 @@ def train(model, tokens: torch.Tensor, steps: int, batch: int, window: int, lr: 
     With `copy_batch`, every step also trains on that many short windows (`copy_window` tokens) of random tokens in
     repeated blocks (`copy_windows_loss`), and with `copy_warmup` the training starts with up to that many steps on
     such windows alone, until their loss falls below 0.7 ln V: a copying circuit (an induction head) forms there,
-    after a plateau, and the repeats across the cut then teach it to read far back in text. Returns the losses:
+    after a plateau, and the repeats across the cut then teach it to read far back in text. The warm-up runs at
+    `warmup_lr` (default `lr`): a wide target needs a smaller one (on the H200 the 4 x 2048 target's circuit formed at
+    1e-4, not at 3e-4 or more in 3000 steps). Returns the losses:
     "stream" (the stream's windows), "copy" (the copy batch's) and "warmup" (the copy-only steps')."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, fused=dev.type == "cuda")
@@ -183,7 +187,7 @@ def train(model, tokens: torch.Tensor, steps: int, batch: int, window: int, lr: 
     losses, copy_losses, warmup_losses, t0 = [], [], [], time.perf_counter()
     for step in range(copy_warmup):
         for group in opt.param_groups:
-            group["lr"] = lr * min(1, (step + 1) / 50)
+            group["lr"] = (lr if warmup_lr is None else warmup_lr) * min(1, (step + 1) / 50)
         warm = copy_windows_loss(model, copy_batch or 32, copy_window, g, dev)
         update(warm)
         warmup_losses.append(warm.item())
@@ -344,7 +348,7 @@ def build_and_train(data: Path, S: dict, seed: int, dev: torch.device) -> dict:
                   log_skips=S["log_skips"])
     print("training the target"); th = train(target, train_tokens, S["steps"], S["batch"], S["window"], S["lr"], max_pos, seed, dev,
                                              **copies, copy_batch=S["copy_batch"], copy_window=S["copy_window"],
-                                             copy_warmup=S["copy_warmup"])
+                                             copy_warmup=S["copy_warmup"], warmup_lr=S["warmup_lr"])
     print("training the draft"); dh = train(draft, train_tokens, S["draft_steps"], S["batch"], S["window"], 3 * S["lr"], max_pos,
                                             seed + 1, dev, **copies)
     tl, cl, wl, dl = th["stream"], th["copy"], th["warmup"], dh["stream"]
@@ -361,10 +365,10 @@ def build_and_train(data: Path, S: dict, seed: int, dev: torch.device) -> dict:
                   target=dict(layers=S["layers"], d_model=S["d"], heads=S["heads"], params=sum(p.numel() for p in target.parameters()),
                               kv_bytes_per_token=2 * S["layers"] * S["d"] * torch.finfo(dtype).bits // 8),
                   draft=dict(layers=S["draft_layers"], d_model=S["draft_d"], params=sum(p.numel() for p in draft.parameters())),
-                  training=dict(steps=S["steps"], draft_steps=S["draft_steps"], batch=S["batch"], window=S["window"],
+                  training=dict(steps=S["steps"], draft_steps=S["draft_steps"], batch=S["batch"], window=S["window"], lr=S["lr"],
                                 copy_prob=S["copy_prob"], copy_len=list(S["copy_len"]), copy_random=S["copy_random"], sink=S["sink"],
                                 log_skips=S["log_skips"], copy_batch=S["copy_batch"], copy_window=S["copy_window"],
-                                copy_warmup=S["copy_warmup"], copy_warmup_steps=len(wl),
+                                copy_warmup=S["copy_warmup"], warmup_lr=S["warmup_lr"], copy_warmup_steps=len(wl),
                                 copy_warmup_final_loss=float(np.mean(wl[-20:])) if wl else None,
                                 final_loss=float(np.mean(tl[-20:])), copy_window_final_loss=float(np.mean(cl[-20:])) if cl else None, draft_final_loss=float(np.mean(dl[-20:])),
                                 seconds=train_seconds, validation_loss=val))
@@ -545,6 +549,7 @@ if __name__ == "__main__":
     ap.add_argument("--log-skips", action="store_const", const=True, help="PoSE skips log-uniform rather than uniform (the paper's)")
     ap.add_argument("--copy-batch", type=int, help="short windows of repeated random blocks trained beside every batch (the target)")
     ap.add_argument("--copy-warmup", type=int, help="at most this many steps on copy windows alone before the stream (the target)")
+    ap.add_argument("--warmup-lr", type=float, help="the copy warm-up's learning rate (default: --lr)")
     args = ap.parse_args()
     if args.step == "prepare":
         prepare(args.data)
@@ -555,4 +560,4 @@ if __name__ == "__main__":
                                                   d=args.d_model, heads=args.heads, window=args.window, batch=args.batch,
                                                   sink=args.sink, lr=args.lr,
                                                   log_skips=args.log_skips, copy_batch=args.copy_batch, needle=args.needle,
-                                                  copy_warmup=args.copy_warmup)
+                                                  copy_warmup=args.copy_warmup, warmup_lr=args.warmup_lr)

@@ -43,10 +43,11 @@ def test_triforce_e2e_diagnose_smoke(tmp_path):
     and a needle; trained here with every option (a BOS sink, log-uniform skips, a copy batch after a copy warm-up)."""
     out = tmp_path / "diagnose.json"
     run_script(BENCH / "bench_triforce_e2e.py", "diagnose", "--smoke", "--data", made_up_stream(tmp_path), "--out", out,
-               "--sink", "--log-skips", "--copy-batch", "4", "--copy-warmup", "5", timeout=600)
+               "--sink", "--log-skips", "--copy-batch", "4", "--copy-warmup", "5", "--warmup-lr", "1e-3", timeout=600)
     result = json.loads(out.read_text())
     tr = result["training"]
     assert tr["copy_prob"] > 0 and tr["sink"] and tr["log_skips"] and tr["copy_batch"] == 4 and tr["copy_window_final_loss"] > 0
+    assert tr["warmup_lr"] == 1e-3 and tr["lr"] > 0
     assert 1 <= tr["copy_warmup_steps"] <= 5 and tr["copy_warmup_final_loss"] > 0
     assert set(result["contexts"]) == {"256", "512"}
     for row in result["contexts"].values():
@@ -55,6 +56,22 @@ def test_triforce_e2e_diagnose_smoke(tmp_path):
             assert 0 < row[f"attention share, {kind}"]["retrieval cache"] <= 1 + 1e-6
         greedy = row["needle, greedy"]
         assert greedy["same_as_plain"] and 0 <= greedy["copied"] <= greedy["new_tokens"]
+
+
+def test_copy_warmup_runs_at_its_own_learning_rate():
+    "The copy warm-up's steps use `warmup_lr`, not the stream's `lr` (a wide target needs a smaller one to copy)."
+    import torch
+    from transformers import LlamaForCausalLM
+    e2e = load_script(BENCH / "bench_triforce_e2e.py")
+    tokens = torch.randint(1, 100, (500,))
+    for warmup_lr, moves in ((0.0, False), (1e-2, True)):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(e2e.llama(100, 32, 1, 2, 4096, 0))
+        before = [p.detach().clone() for p in model.parameters()]
+        hist = e2e.train(model, tokens, 1, 2, 16, 0.0, 4096, 0, torch.device("cpu"), copy_batch=2, copy_window=16,
+                         copy_warmup=3, warmup_lr=warmup_lr)            # the stream's one step at lr 0 changes nothing
+        assert len(hist["warmup"]) == 3
+        assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before)) == moves
 
 
 def test_pose_windows_attend_across_the_cut():
