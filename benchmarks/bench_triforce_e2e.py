@@ -50,6 +50,9 @@ from tinylab.core import benchmark
 from tinylab.triforce import (FlatKVCache, GraphLevels, TriForceConfig, _forward, _prefill, _triforce_attention,
                               autoregressive_generate, retrieval_selection, triforce_generate)
 
+# the training and prompt options of issue #21's diagnosis, all off by default (`run` trains the recorded target)
+OPTIONS_OFF = dict(sink=False, needle=False, log_skips=False, copy_batch=0, copy_warmup=0, warmup_lr=None)
+
 SIZES = {  # target, draft, training and decoding settings; "smoke" checks the script anywhere in a minute
     # the target: 4 wide layers, so that a step's cost is its weights and KV reads rather than its kernel count
     # (12 layers of 1024, the earlier target, cost ~1.4 ms a step in kernels alone, at any context)
@@ -57,13 +60,12 @@ SIZES = {  # target, draft, training and decoding settings; "smoke" checks the s
                   steps=400, draft_steps=500, lr=6e-4, contexts=[16384, 65536, 131072, 262144, 524288], new_tokens=128,
                   budget=4096, sinks=16, draft_window=240, copy_prob=0.5, copy_len=(32, 256),
                   copy_random=True, passage=320, cue=32, temperatures=[0.0, 0.6], eager_contexts=[16384, 131072],
-                  refresh_every=10**9, sink=False, needle=False, log_skips=False, copy_batch=0, copy_window=256,
-                  copy_warmup=0, warmup_lr=None),
+                  refresh_every=10**9, copy_window=256, **OPTIONS_OFF),
     "smoke": dict(d=64, layers=2, heads=2, draft_d=32, draft_layers=1, draft_heads=2, window=64, batch=4,
                   steps=20, draft_steps=10, lr=3e-3, contexts=[256, 512], new_tokens=12,
                   budget=64, sinks=8, draft_window=32, copy_prob=0.5, copy_len=(4, 16), copy_random=True,
-                  passage=40, cue=8, temperatures=[0.0, 0.6], eager_contexts=[256], refresh_every=10**9, sink=False,
-                  needle=False, log_skips=False, copy_batch=0, copy_window=64, copy_warmup=0, warmup_lr=None),
+                  passage=40, cue=8, temperatures=[0.0, 0.6], eager_contexts=[256], refresh_every=10**9, copy_window=64,
+                  **OPTIONS_OFF),
 }
 
 

@@ -74,6 +74,14 @@ def test_copy_warmup_runs_at_its_own_learning_rate():
         assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before)) == moves
 
 
+def test_triforce_warmup_sweep_smoke():
+    "The warm-up sweep behind triforce_warmup_h200.json runs, at toy size on the CPU, and reports its steps and loss."
+    out = run_script(BENCH / "triforce_warmup_sweep.py", 32, 1, 2, 1e-3, 3, 4)
+    result = [line for line in out.splitlines() if line.startswith("RESULT")]
+    assert len(result) == 1 and "steps 3," in result[0]
+    assert 6 < float(result[0].split("last-20 loss ")[1].split(",")[0]) < 9          # near ln 2048 = 7.62 at the start
+
+
 def test_pose_windows_attend_across_the_cut():
     """Training forward as `train` calls it: with `position_ids` and no attention mask, transformers reads a jump in
     positions as the border of packed sequences unless it builds a cache (`use_cache`, on by default). A PoSE window
