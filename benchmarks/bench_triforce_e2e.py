@@ -36,6 +36,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -51,7 +53,7 @@ from tinylab.triforce import (FlatKVCache, GraphLevels, TriForceConfig, _forward
                               autoregressive_generate, retrieval_selection, triforce_generate)
 
 # the training and prompt options of issue #21's diagnosis, all off by default (`run` trains the recorded target)
-OPTIONS_OFF = dict(sink=False, needle=False, log_skips=False, copy_batch=0, copy_warmup=0, warmup_lr=None)
+OPTIONS_OFF = dict(sink=False, needle=False, log_skips=False, copy_batch=0, copy_warmup=0, warmup_lr=None, only=None)
 
 SIZES = {  # target, draft, training and decoding settings; "smoke" checks the script anywhere in a minute
     # the target: 4 wide layers, so that a step's cost is its weights and KV reads rather than its kernel count
@@ -419,10 +421,13 @@ def run(data: Path, out: Path | None, size: str, seed: int = 0, **overrides):
                                 sinks=tf.sinks, window=tf.window, refresh_every=tf.refresh_every),
                   max_new_tokens=S["new_tokens"],
                   methods=METHODS, passes=level_passes(tf), repeat=dict(passage=S["passage"], cue=S["cue"], needle=S["needle"]),
-                  rows=[], levels={})
+                  rows=[], levels={}, only=S["only"], command=" ".join(["python3", *sys.argv]),
+                  commit=os.environ.get("TINYLAB_COMMIT"))
     rows = result["rows"]
     needle = target.config.vocab_size if S["needle"] else None
     for ctx in S["contexts"]:
+        if S["only"] and ctx not in S["only"]:             # decoded by another process (see `merge`)
+            continue
         text = held_out_prompt(tokens, n_val, ctx, 0, 1, built["bos"])
         repeat, rest, with_passage = repeat_prompt(text, S["passage"], S["cue"], needle, seed)
         prompts = {"held-out text": text, "far repeat": repeat}
@@ -485,6 +490,28 @@ def run(data: Path, out: Path | None, size: str, seed: int = 0, **overrides):
     return result
 
 
+def merge(parts: list[Path], out: Path) -> dict:
+    """One record from the records of a run split over processes with `--only` (one per GPU): each trained the same
+    target and draft (the training is deterministic: the merge refuses parts whose trained models differ) and decoded
+    its own contexts. Keeps each part's command and training seconds."""
+    recs = [json.loads(p.read_text()) for p in parts]
+    same = lambda r: {k: v for k, v in r.items() if k not in ("rows", "levels", "command", "training", "only", "date")}
+    trained = lambda r: {k: v for k, v in r["training"].items() if k != "seconds"}
+    for p, r in zip(parts[1:], recs[1:]):
+        if same(r) != same(recs[0]) or trained(r) != trained(recs[0]):
+            raise ValueError(f"{p} is not a part of the same run as {parts[0]}: its settings or trained models differ")
+    merged = {**recs[0], "rows": [row for r in recs for row in r["rows"]],
+              "levels": {k: v for r in recs for k, v in r["levels"].items()},
+              "parts": [dict(file=p.name, only=r["only"], command=r["command"], training_seconds=r["training"]["seconds"])
+                        for p, r in zip(parts, recs)]}
+    for key in ("only", "command"):
+        merged.pop(key)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(merged, indent=1))
+    print(f"merged {len(parts)} parts into {out}: contexts {sorted(int(k) for k in merged['levels'])}")
+    return merged
+
+
 def diagnose(data: Path, out: Path | None, size: str, seed: int = 0, **overrides):
     """Does the trained target use its long context (issue #21)? At each context: the target's loss on held-out text,
     on a far repeat of text and on a needle of random tokens (`repeat_prompt`) with the whole context and with its last
@@ -532,7 +559,7 @@ def diagnose(data: Path, out: Path | None, size: str, seed: int = 0, **overrides
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("step", choices=["prepare", "run", "diagnose"])
+    ap.add_argument("step", choices=["prepare", "run", "diagnose", "merge"])
     ap.add_argument("--data", type=Path, default=Path(".bench/triforce"))
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, any device: checks the script runs")
@@ -552,9 +579,14 @@ if __name__ == "__main__":
     ap.add_argument("--copy-batch", type=int, help="short windows of repeated random blocks trained beside every batch (the target)")
     ap.add_argument("--copy-warmup", type=int, help="at most this many steps on copy windows alone before the stream (the target)")
     ap.add_argument("--warmup-lr", type=float, help="the copy warm-up's learning rate (default: --lr)")
+    ap.add_argument("--only", type=int, nargs="+", help="run: decode only these of the contexts (the training and prompts "
+                    "stay those of the whole list), for one process per GPU; `merge` joins their records")
+    ap.add_argument("--parts", type=Path, nargs="+", help="merge: the records of one run split with --only")
     args = ap.parse_args()
     if args.step == "prepare":
         prepare(args.data)
+    elif args.step == "merge":
+        merge(args.parts, args.out)
     else:
         (run if args.step == "run" else diagnose)(args.data, args.out, "smoke" if args.smoke else "full",
                                                   contexts=args.contexts, steps=args.steps, draft_steps=args.steps,
@@ -562,4 +594,4 @@ if __name__ == "__main__":
                                                   d=args.d_model, heads=args.heads, window=args.window, batch=args.batch,
                                                   sink=args.sink, lr=args.lr,
                                                   log_skips=args.log_skips, copy_batch=args.copy_batch, needle=args.needle,
-                                                  copy_warmup=args.copy_warmup, warmup_lr=args.warmup_lr)
+                                                  copy_warmup=args.copy_warmup, warmup_lr=args.warmup_lr, only=args.only)

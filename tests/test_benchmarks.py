@@ -21,9 +21,15 @@ def made_up_stream(tmp_path) -> Path:
 
 def test_triforce_e2e_smoke(tmp_path):
     "The end-to-end run: every method at both temperatures on both prompts, greedy outputs equal plain decoding's."
-    out = tmp_path / "result.json"
-    run_script(BENCH / "bench_triforce_e2e.py", "run", "--smoke", "--data", made_up_stream(tmp_path), "--out", out, timeout=600)
+    # in two processes, one context each (as on two GPUs), joined by `merge`: they train the same models
+    data, out = made_up_stream(tmp_path), tmp_path / "result.json"
+    for ctx in (256, 512):
+        run_script(BENCH / "bench_triforce_e2e.py", "run", "--smoke", "--data", data, "--only", ctx, "--out",
+                   tmp_path / f"part{ctx}.json", timeout=600)
+    run_script(BENCH / "bench_triforce_e2e.py", "merge", "--parts", tmp_path / "part256.json", tmp_path / "part512.json",
+               "--out", out)
     result = json.loads(out.read_text())
+    assert [p["only"] for p in result["parts"]] == [[256], [512]]
     rows = result["rows"]
     assert {r["method"] for r in rows} == set(result["methods"])   # each method by its stable key, described once
     assert {(r["prompt"], r["temperature"]) for r in rows} == {(p, t) for p in ("held-out text", "far repeat") for t in (0.0, 0.6)}
