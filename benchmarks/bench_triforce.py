@@ -7,7 +7,7 @@ It first checks the kernel against the PyTorch reference (fp32 and bf16; no timi
 GPU's copy bandwidth (the floor: time to read the KV bytes once), then times, at Llama2-7B's attention shape
 (32 heads of 128) and growing cache lengths, with `triton.testing.do_bench` (median):
   - SDPA on the full cache (what the verifying level reads),
-  - the kernel on the full cache (all chunks),
+  - the kernel on the full cache (all chunks), given every chunk id and given none (`chunk_idx=None`: no ids to load),
   - SDPA on the selected chunks, gather copy included / excluded (the retrieval cache the usual way),
   - the kernel on the selected chunks, read in place (TriForce's middle level);
 each also as GPU time replayed from a CUDA graph (`graph_ms`: no launch cost, as in a captured decoding loop).
@@ -162,7 +162,7 @@ def main():
 
                 ks, vs = gather()
                 # correctness of the timed paths against each other before timing
-                e_full = rel_err(kernel(q, k, v, all_idx, C), sdpa_end_aligned(q, k, v))
+                e_full = max(rel_err(kernel(q, k, v, ids, C), sdpa_end_aligned(q, k, v)) for ids in (all_idx, None))
                 e_sel = rel_err(kernel(q, k, v, sel, C), sdpa_end_aligned(q, ks, vs))
                 e_dense = rel_err(sdpa_dense_mask(q, k, v), sdpa_end_aligned(q, k, v)) if NQ > 1 else 0.0
                 if e_full > 2e-2 or e_sel > 2e-2 or e_dense > 2e-2:
@@ -173,6 +173,7 @@ def main():
                 fns = {
                     "SDPA, full cache": (lambda: sdpa_end_aligned(q, k, v), full_bytes),
                     "triforce kernel, full cache": (lambda: kernel(q, k, v, all_idx, C), full_bytes),
+                    "triforce kernel, full cache, no ids": (lambda: kernel(q, k, v, None, C), full_bytes),
                     "SDPA, selected chunks (gather included)": (lambda: sdpa_end_aligned(q, *gather()), sel_bytes),
                     "SDPA, selected chunks (pre-gathered)": (lambda: sdpa_end_aligned(q, ks, vs), sel_bytes),
                     "triforce kernel, selected chunks": (lambda: kernel(q, k, v, sel, C), sel_bytes),

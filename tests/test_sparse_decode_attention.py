@@ -277,3 +277,17 @@ def test_a_call_captured_in_a_cuda_graph_matches_the_eager_one():
     graph.replay()
     torch.cuda.synchronize()
     assert_close("out", eager.float(), out.float(), 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("with_length", [False, True], ids=["whole-cache", "length"])
+@pytest.mark.parametrize("splits", [1, 3], ids=["one-split", "3-splits"])
+def test_every_chunk_read_in_order(poison_empty, dtype, with_length, splits):
+    "chunk_idx=None reads every chunk with no ids: the same as listing them all, and as the reference."
+    q, k, v, _ = make(2, 6, 2, 3, 101, 24, 1, dtype)
+    every = torch.arange(13, device=DEVICE).expand(2, 2, 13)
+    length = torch.tensor([77, 40], dtype=torch.int32, device=DEVICE) if with_length else None
+    listed = sparse_decode_attention_ref(q, k, v, every, length=length)
+    assert_close("ref", listed, sparse_decode_attention_ref(q, k, v, None, length=length), 1e-6)
+    dense = sparse_decode_attention(q, k, v, None, num_splits=splits, use_triton=True, length=length)
+    assert_close("triton", listed, dense, TOL[dtype])

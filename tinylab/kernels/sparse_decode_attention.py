@@ -22,7 +22,7 @@ MAX_ROWS = 128  # query rows (heads per kv head x new tokens) one call may hold
 def _check(q, k, v, chunk_idx, chunk_size, scale, num_splits, length=None):
     "Validate the inputs of `sparse_decode_attention`; return (B, H, Hkv, NQ, N, D, M)."
     for name, t in (("q", q), ("k", k), ("v", v), ("chunk_idx", chunk_idx)):
-        if not isinstance(t, torch.Tensor):
+        if not isinstance(t, torch.Tensor) and not (name == "chunk_idx" and t is None):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.ndim != 4:
@@ -33,10 +33,11 @@ def _check(q, k, v, chunk_idx, chunk_size, scale, num_splits, length=None):
             raise ValueError(f"{name} must be contiguous in its last (head) dimension, got strides {t.stride()}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if chunk_idx.dtype not in (torch.int32, torch.int64):
+    if chunk_idx is not None and chunk_idx.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"chunk_idx must be int32 or int64, got {chunk_idx.dtype}")
-    if len({q.device, k.device, v.device, chunk_idx.device}) != 1:
-        raise ValueError(f"q, k, v, chunk_idx must be on one device, got {q.device}, {k.device}, {v.device}, {chunk_idx.device}")
+    devices = (q.device, k.device, v.device) + (() if chunk_idx is None else (chunk_idx.device,))
+    if len(set(devices)) != 1:
+        raise ValueError(f"q, k, v, chunk_idx must be on one device, got {', '.join(map(str, devices))}")
     B, H, NQ, D = q.shape
     Bk, Hkv, N, Dk = k.shape
     if k.shape != v.shape:
@@ -45,7 +46,7 @@ def _check(q, k, v, chunk_idx, chunk_size, scale, num_splits, length=None):
         raise ValueError(f"k must be [B={B}, Hkv, N, D={D}], got {tuple(k.shape)}")
     if Hkv == 0 or H % Hkv:
         raise ValueError(f"k's heads ({Hkv}) must divide q's heads ({H})")
-    if chunk_idx.ndim != 3 or tuple(chunk_idx.shape[:2]) != (B, Hkv):
+    if chunk_idx is not None and (chunk_idx.ndim != 3 or tuple(chunk_idx.shape[:2]) != (B, Hkv)):
         raise ValueError(f"chunk_idx must be [B={B}, Hkv={Hkv}, M], got {tuple(chunk_idx.shape)}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or not 1 <= chunk_size <= 128 \
             or chunk_size & (chunk_size - 1):
@@ -68,13 +69,16 @@ def _check(q, k, v, chunk_idx, chunk_size, scale, num_splits, length=None):
                              f"{' ' + str(length.dtype) if isinstance(length, torch.Tensor) else ''}")
         if length.device != q.device:
             raise ValueError(f"length must be on q's device {q.device}, got {length.device}")
-    return B, H, Hkv, NQ, N, D, chunk_idx.shape[2]
+    M = -(-N // chunk_size) if chunk_idx is None else chunk_idx.shape[2]    # None: every chunk of the cache
+    return B, H, Hkv, NQ, N, D, M
 
 # %% ../../nbs/21a_sparse_decode_attention.ipynb #cell-011
 def sparse_decode_attention_ref(q, k, v, chunk_idx, chunk_size=8, scale=None, num_splits=None, length=None):
     """The definition in plain PyTorch (fp32 inside): gather the selected chunks' keys and values, then causal
     softmax attention of the NQ new queries. Same signature as `sparse_decode_attention` (`num_splits` unused)."""
     B, H, Hkv, NQ, N, D, M = _check(q, k, v, chunk_idx, chunk_size, scale, num_splits, length)
+    if chunk_idx is None:                                                                  # every chunk, in order
+        chunk_idx = torch.arange(M, device=q.device).expand(B, Hkv, M)
     G, C = H // Hkv, chunk_size
     scale = D ** -0.5 if scale is None else scale
     # token positions of the selected chunks
@@ -105,7 +109,7 @@ def sparse_decode_attention_kernel(Q, K, V, IDX, O_PART, LSE_PART,
                                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
                                    OUT=None, LOCK=None, stride_ob=0, stride_oh=0, stride_ot=0,
                                    MERGE: tl.constexpr = False, BLOCK_S: tl.constexpr = 2,
-                                   LENGTH=None, HAS_LENGTH: tl.constexpr = False):
+                                   LENGTH=None, HAS_LENGTH: tl.constexpr = False, DENSE: tl.constexpr = False):
     pid_bh, split = tl.program_id(0), tl.program_id(1)
     b, hk = (pid_bh // Hkv).to(tl.int64), pid_bh % Hkv       # int64: b * stride_kb passes 2**31 in long caches
     n_splits = tl.num_programs(1)
@@ -128,13 +132,19 @@ def sparse_decode_attention_kernel(Q, K, V, IDX, O_PART, LSE_PART,
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
     start = split * chunks_per_split
     end = tl.minimum(start + chunks_per_split, M)
+    if DENSE:  # chunks past the valid tokens hold nothing to read
+        end = tl.minimum(end, tl.cdiv(N, CHUNK))
     ids = IDX + b * stride_ib + hk * stride_ih
     ks, vs = K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh
     for c0 in range(start, end, BLOCK_C):
         s_ok = c0 + slot < end
-        cid = tl.load(ids + c0 + slot, mask=s_ok, other=-1)
-        tok = cid.to(tl.int64) * CHUNK + within             # rows of the full cache, read in place (int64 offsets)
-        k_ok = s_ok & (cid >= 0) & (tok < N)
+        if DENSE:  # every chunk in order: the rows are c0*CHUNK + n, one contiguous run of the cache, no ids to wait for
+            tok = (c0 * CHUNK + n).to(tl.int64)
+            k_ok = s_ok & (tok < N)
+        else:
+            cid = tl.load(ids + c0 + slot, mask=s_ok, other=-1)
+            tok = cid.to(tl.int64) * CHUNK + within         # rows of the full cache, read in place (int64 offsets)
+            k_ok = s_ok & (cid >= 0) & (tok < N)
         kv_mask = k_ok[:, None] & d_ok[None, :]
         k = tl.load(ks + tok[:, None] * stride_kt + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(vs + tok[:, None] * stride_vt + d[None, :], mask=kv_mask, other=0.0)
@@ -260,7 +270,8 @@ def sparse_decode_attention(q, k, v, chunk_idx, chunk_size=8, scale=None, num_sp
 
     q: [B, H, NQ, D]; k, v: [B, Hkv, N, D] with Hkv dividing H (any strides, last dim contiguous: a view of a
     larger cache buffer is fine); chunk_idx: [B, Hkv, M] int32/int64, the distinct chunks each kv head reads
-    (chunk c = tokens c*chunk_size ... c*chunk_size + chunk_size - 1; -1 = padding). The queries are the last
+    (chunk c = tokens c*chunk_size ... c*chunk_size + chunk_size - 1; -1 = padding), or None for every chunk of
+    the cache in order (full attention, with no ids to read). The queries are the last
     NQ tokens: query i sees selected tokens at positions <= N - NQ + i. scale defaults to D**-0.5.
     Returns [B, H, NQ, D] in q's dtype (rows that see no key are 0). `use_triton`: None = Triton on CUDA
     tensors and the reference elsewhere; True also runs Triton on CPU tensors under TRITON_INTERPRET=1.
@@ -271,7 +282,7 @@ def sparse_decode_attention(q, k, v, chunk_idx, chunk_size=8, scale=None, num_sp
     then its last NQ valid tokens, and nothing at or past it is read. One launch then serves a cache at every length,
     as a CUDA graph replaying a decoding step needs (default: all N tokens are valid)."""
     B, H, Hkv, NQ, N, D, M = _check(q, k, v, chunk_idx, chunk_size, scale, num_splits, length)
-    if check_distinct and M > 1:
+    if check_distinct and M > 1 and chunk_idx is not None:
         ids = chunk_idx.sort(-1).values
         if ((ids[..., 1:] == ids[..., :-1]) & (ids[..., 1:] >= 0)).any():
             raise ValueError("chunk_idx: a chunk is named twice for one (batch, kv head); the ids must be distinct (-1 pads)")
@@ -308,7 +319,13 @@ def sparse_decode_attention(q, k, v, chunk_idx, chunk_size=8, scale=None, num_sp
     # merge in the same launch (one split: no merge at all) unless the rows are many or the splits' tile is large
     merge_rows = TUNING["graph_merge_rows" if q.is_cuda and torch.cuda.is_current_stream_capturing() else "merge_rows"]
     merge = num_splits == 1 or (R <= merge_rows and BLOCK_S * BLOCK_D <= 8192)
-    idx = chunk_idx if chunk_idx.dtype == torch.int32 and chunk_idx.stride(-1) == 1 else chunk_idx.to(torch.int32).contiguous()
+    if chunk_idx is None:  # every chunk: the kernel computes the rows, `idx` is only a placeholder pointer
+        idx = k
+    elif chunk_idx.dtype == torch.int32 and chunk_idx.stride(-1) == 1:
+        idx = chunk_idx
+    else:
+        idx = chunk_idx.to(torch.int32).contiguous()
+    id_strides = (0, 0) if chunk_idx is None else (idx.stride(0), idx.stride(1))
     out = torch.empty(B, H, NQ, D, device=q.device, dtype=q.dtype)
     n_part = 1 if num_splits == 1 else B * Hkv * num_splits * R     # (one element: no empty pointer)
     counters, scratch = _scratch(q.device, B * Hkv, n_part * (D + 1))
@@ -316,12 +333,12 @@ def sparse_decode_attention(q, k, v, chunk_idx, chunk_size=8, scale=None, num_sp
     sparse_decode_attention_kernel[(B * Hkv, num_splits)](
         q, k, v, idx, o_part, lse_part,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), idx.stride(0), idx.stride(1),
+        v.stride(0), v.stride(1), v.stride(2), *id_strides,
         Hkv, N, M, NQ, R, scale, chunks_per_split,
         D=D, CHUNK=chunk_size, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, DOT_FP32=dot_fp32,
         OUT=out, LOCK=counters if merge else o_part, stride_ob=out.stride(0),
         stride_oh=out.stride(1), stride_ot=out.stride(2), MERGE=merge, BLOCK_S=BLOCK_S,
-        LENGTH=length, HAS_LENGTH=length is not None, num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"])
+        LENGTH=length, HAS_LENGTH=length is not None, DENSE=chunk_idx is None, num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"])
     if not merge:
         combine_splits_kernel[(B * Hkv * R,)](
             o_part, lse_part, out, out.stride(0), out.stride(1), out.stride(2), Hkv, NQ, R, num_splits,
