@@ -324,6 +324,11 @@ METHODS = {  # stable keys of the decoding methods in the JSON -> what each is
 }
 
 
+# the training record's settings (the rest are its results)
+TRAINING_SETTINGS = ("steps", "draft_steps", "batch", "window", "lr", "copy_prob", "copy_len", "copy_random", "sink", "log_skips",
+                     "copy_batch", "copy_window", "copy_warmup", "warmup_lr")
+
+
 def _free(dev):
     "Give back the memory of the last generation's caches and graphs before the next allocates its own."
     import gc
@@ -491,18 +496,19 @@ def run(data: Path, out: Path | None, size: str, seed: int = 0, **overrides):
 
 
 def merge(parts: list[Path], out: Path) -> dict:
-    """One record from the records of a run split over processes with `--only` (one per GPU): each trained the same
-    target and draft (the training is deterministic: the merge refuses parts whose trained models differ) and decoded
-    its own contexts. Keeps each part's command and training seconds."""
+    """One record from the records of a run split over processes with `--only` (one per GPU): each trained a target
+    and draft by the same recipe (the merge refuses parts whose settings differ) and decoded its own contexts.
+    Training on a GPU is not bitwise repeatable (the first part's trained models are the record's `training`; each
+    part keeps its own, with its command): a context's rows and diagnostics all come from one part's models."""
     recs = [json.loads(p.read_text()) for p in parts]
     same = lambda r: {k: v for k, v in r.items() if k not in ("rows", "levels", "command", "training", "only", "date")}
-    trained = lambda r: {k: v for k, v in r["training"].items() if k != "seconds"}
+    recipe = lambda r: {k: v for k, v in r["training"].items() if k in TRAINING_SETTINGS}
     for p, r in zip(parts[1:], recs[1:]):
-        if same(r) != same(recs[0]) or trained(r) != trained(recs[0]):
-            raise ValueError(f"{p} is not a part of the same run as {parts[0]}: its settings or trained models differ")
+        if same(r) != same(recs[0]) or recipe(r) != recipe(recs[0]):
+            raise ValueError(f"{p} is not a part of the same run as {parts[0]}: its settings differ")
     merged = {**recs[0], "rows": [row for r in recs for row in r["rows"]],
               "levels": {k: v for r in recs for k, v in r["levels"].items()},
-              "parts": [dict(file=p.name, only=r["only"], command=r["command"], training_seconds=r["training"]["seconds"])
+              "parts": [dict(file=p.name, only=r["only"], command=r["command"], training=r["training"])
                         for p, r in zip(parts, recs)]}
     for key in ("only", "command"):
         merged.pop(key)
