@@ -294,3 +294,129 @@ def test_benchmark_smoke(tmp_path):
     got = {(r["impl"], r["dir"], r["dtype"]) for r in rec["rows"] if r["part"] == "anchor"}
     for dtype in ("float32", "bfloat16"):
         assert {("Triton", d, dtype) for d in ("fwd", "bwd", "fwd+bwd")} <= got
+
+
+# ---- the split in time: segments walked by their own programs after a carry pass equal one walk. Segments are a
+# multiple of 8 steps in the interpreter (64 on a GPU), so T = 21, 37 with 2..5 segments give 2 or 3 segments, the
+# last one short; asking for more than the sequence allows is clamped.
+SPLIT_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+
+
+def _nseg(T, segments, step):
+    return ss._split(T, segments, step)[1]
+
+
+@pytest.mark.parametrize("batch,T,D,N,segments,nseg,with_D,with_h0,save", [
+    pytest.param(2, 37, 9, 5, 2, 2, True, True, True, id="T37-S2-h0-save"),
+    pytest.param(1, 37, 5, 3, 3, 3, False, False, False, id="T37-S3-short-last"),
+    pytest.param(2, 21, 3, 16, 5, 3, True, False, True, id="T21-S5-clamped-save"),
+    pytest.param(1, 17, 17, 2, 3, 3, False, True, False, id="T17-S3-one-step-last"),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
+def test_split_forward_equals_one_walk(poison_empty, batch, T, D, N, segments, nseg, with_D, with_h0, save, dtype):
+    T *= ss._FWD_SEG_STEP // 8                 # the same segments on a GPU, whose forward segments are 64 steps
+    assert _nseg(T, segments, ss._FWD_SEG_STEP) == nseg
+    kw = ss.random_inputs(batch, T, D, N, dtype=dtype, device=DEV, with_D=with_D, with_h0=with_h0, seed=T + segments)
+    one = ss._scan_fwd(*kw.values(), save=save)
+    split = ss._scan_fwd(*kw.values(), save=save, segments=segments)
+    for name, r, t in zip(("y", "h_T", "kept states"), one, split):
+        if r is not None:
+            assert t.dtype == r.dtype and t.shape == r.shape, name
+            assert_close(name, r, t, SPLIT_TOL[dtype])
+
+
+def test_split_forward_fixed_blocks_and_public_api(poison_empty):
+    "Fixed blocks: segments are a multiple of block_t; the public forward takes `segments` too."
+    kw = ss.random_inputs(2, 29, 6, 3, device=DEV, with_h0=True, seed=8)
+    ref_y, ref_h = ss.selective_scan_triton(**kw, block_t=4, block_d=4)
+    for segments in (2, 4, 100):
+        y, h = ss.selective_scan_triton(**kw, block_t=4, block_d=4, segments=segments)
+        assert_close("y", ref_y, y, 1e-5)
+        assert_close("h_T", ref_h, h, 1e-5)
+    y, h = ss.selective_scan_triton(**kw, segments=3)
+    assert_close("y (autotuned)", ref_y, y, 1e-5)
+    assert_close("h_T (autotuned)", ref_h, h, 1e-5)
+
+
+@pytest.mark.parametrize("batch,T,D,N,segments,with_D,with_h0,with_ghT", [
+    pytest.param(2, 21, 9, 5, 3, True, True, True, id="T21-S3-h0-ghT"),
+    pytest.param(1, 37, 5, 3, 2, False, False, True, id="T37-S2-ghT"),
+    pytest.param(2, 19, 6, 16, 4, True, True, False, id="T19-S4-h0"),
+    pytest.param(1, 9, 17, 2, 2, False, False, False, id="T9-S2-one-step-last"),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_split_backward_equals_unsplit(poison_empty, batch, T, D, N, segments, with_D, with_h0, with_ghT, dtype):
+    assert _nseg(T, segments, ss.BWD_BLOCK_T) > 1
+    kw = ss.random_inputs(batch, T, D, N, dtype=dtype, device=DEV, with_D=with_D, with_h0=with_h0, seed=T + N)
+    _, _, states = ss._scan_fwd(*kw.values(), save=True)
+    gy = torch.randn(batch, T, D, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEV)
+    ghT = torch.randn(batch, D, N, generator=torch.Generator().manual_seed(2)).to(DEV) if with_ghT else None
+    one = ss.selective_scan_triton_bwd(*kw.values(), gy, ghT, states)
+    split = ss.selective_scan_triton_bwd(*kw.values(), gy, ghT, states, segments=segments)
+    for name, r, t in zip("du ddelta dA dB dC dD dh0".split(), one, split):
+        assert (r is None) == (t is None), name
+        if r is not None:
+            assert t.dtype == r.dtype and t.shape == r.shape, name
+            assert_close(name, r, t, SPLIT_TOL[dtype])
+
+
+def test_split_through_autograd_matches_reference(monkeypatch):
+    "With the policy on (a patched SM count), `selective_scan` splits both passes and its gradients stay right."
+    monkeypatch.setattr(ss, "_sm_count", lambda device: 4)
+    monkeypatch.setitem(ss.SPLIT_PROGRAMS_PER_SM, "fwd", 1)
+    monkeypatch.setitem(ss.SPLIT_PROGRAMS_PER_SM, "bwd", 2)
+    kw = ss.random_inputs(1, 130, 3, 2, device=DEV, with_h0=True, seed=9)
+    got = {}
+
+    def record(pass_, fn):
+        def call(*a, **k):
+            got[pass_] = k["segments"]
+            return fn(*a, **k)
+        return call
+    monkeypatch.setattr(ss, "_scan_fwd", record("fwd", ss._scan_fwd))
+    monkeypatch.setattr(ss, "selective_scan_triton_bwd", record("bwd", ss.selective_scan_triton_bwd))
+    grads = {}
+    for backend in ("ref", "triton"):
+        leaves = {k: v.clone().requires_grad_() for k, v in kw.items()}
+        y, h = ss.selective_scan(**leaves, backend=backend)
+        grads[backend] = torch.autograd.grad(y.pow(2).sum() + h.sum(), list(leaves.values()))
+    assert got == {"fwd": 2, "bwd": 8}     # 1 and 2 programs per SM x 4 SMs / 1 program; 130 steps: 2 of 64
+    for name, r, t in zip(kw, grads["ref"], grads["triton"]):
+        assert_close(f"grad {name}", r, t, 1e-4)
+
+
+@pytest.mark.parametrize("pass_,per_sm,bsz,n_units,T,want", [
+    pytest.param("fwd", 0, 1, 1, 4096, 1, id="policy-off"),
+    pytest.param("fwd", 4, 4, 96, 4096, 1, id="enough-programs"),        # 528 / 384 rounds to 1
+    pytest.param("fwd", 4, 1, 48, 4096, 11, id="fwd-11"),                # 528 / 48
+    pytest.param("fwd", 4, 1, 48, 300, 4, id="fwd-min-64-steps"),        # 300 // 64
+    pytest.param("fwd", 4, 1, 48, 63, 1, id="fwd-short"),
+    pytest.param("bwd", 4, 1, 48, 40, 5, id="bwd-min-block"),            # 40 // 8
+    pytest.param("bwd", 64, 1, 1, 10**6, 64, id="bwd-max-segments"),
+])
+def test_segments_policy(monkeypatch, pass_, per_sm, bsz, n_units, T, want):
+    monkeypatch.setattr(ss, "_sm_count", lambda device: 132)
+    monkeypatch.setitem(ss.SPLIT_PROGRAMS_PER_SM, pass_, per_sm)
+    assert ss._segments(pass_, bsz, 1536, n_units, T, torch.device(DEV)) == want
+
+
+def test_segments_default_is_one_split():
+    "The defaults (0) never split, and on a CPU the SM count is 1; a bad pass name is refused."
+    assert ss.SPLIT_PROGRAMS_PER_SM == dict(fwd=0, bwd=0)
+    assert ss._segments("fwd", 1, 64, 4, 10**5, torch.device(DEV)) == 1
+    assert ss._segments("bwd", 1, 64, 4, 10**5, torch.device(DEV)) == 1
+    if DEV == "cpu":
+        assert ss._sm_count(torch.device("cpu")) == 1
+    with pytest.raises(ValueError, match="pass_ must be one of"):
+        ss._segments("both", 1, 64, 4, 100, torch.device(DEV))
+
+
+@pytest.mark.parametrize("segments", [0, -2, 1.5, True, "2", None])
+def test_bad_segments(segments):
+    _, _, states = ss._scan_fwd(*KW.values(), save=True)
+    for call in (lambda: ss.selective_scan_triton(**KW, segments=segments),
+                 lambda: ss._scan_fwd(*KW.values(), save=True, segments=segments),
+                 lambda: ss.selective_scan_triton_bwd(*KW.values(), torch.zeros_like(KW["u"]), None, states,
+                                                      segments=segments)):
+        with pytest.raises(ValueError, match="segments must be a positive int"):
+            call()

@@ -5,6 +5,7 @@
 # %% ../../nbs/10a_selective_scan.ipynb #cell-004
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -12,7 +13,7 @@ import triton
 import triton.language as tl
 
 # %% auto #0
-__all__ = ['BWD_BLOCK_T', 'BACKENDS', 'selective_scan_fwd_kernel', 'selective_scan_triton', 'selective_scan_bwd_kernel', 'selective_scan_triton_bwd', 'SelectiveScanFn', 'selective_scan', 'selective_scan_ref', 'linear_scan', 'selective_scan_chunked', 'random_inputs', 'selective_scan_bwd']
+__all__ = ['BWD_BLOCK_T', 'SPLIT_PROGRAMS_PER_SM', 'MAX_SEGMENTS', 'BACKENDS', 'selective_scan_fwd_kernel', 'selective_scan_triton', 'selective_scan_bwd_kernel', 'selective_scan_triton_bwd', 'SelectiveScanFn', 'selective_scan', 'selective_scan_fwd_carry_kernel', 'selective_scan_bwd_carry_kernel', 'selective_scan_ref', 'linear_scan', 'selective_scan_chunked', 'random_inputs', 'selective_scan_bwd']
 
 # %% ../../nbs/10a_selective_scan.ipynb #cell-018
 @triton.jit
@@ -22,11 +23,14 @@ def _combine(a1, b1, a2, b2):
 
 # %% ../../nbs/10a_selective_scan.ipynb #cell-024
 @triton.jit
-def selective_scan_fwd_kernel(U, DELTA, A, B, C, DSKIP, H0, Y, HT, ST, T, DM, N,
-                              HAS_D: tl.constexpr, HAS_H0: tl.constexpr, SAVE: tl.constexpr, ACC: tl.constexpr,
-                              BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+def selective_scan_fwd_kernel(U, DELTA, A, B, C, DSKIP, H0, Y, HT, ST, CARRY, T, DM, N, SEG_T, NSEG,
+                              HAS_D: tl.constexpr, HAS_H0: tl.constexpr, SAVE: tl.constexpr, SPLIT: tl.constexpr,
+                              ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: one sequence, BLOCK_D channels and all N states; it walks the sequence BLOCK_T steps at a time.
-    With SAVE it also writes the state entering every block, and h_T after the last, to ST (batch, blocks + 1, D, N)."""
+    With SAVE it also writes the state entering every block, and h_T after the last, to ST (batch, blocks + 1, D, N).
+    With SPLIT program (b, d, s) walks only segment s of NSEG, steps [s SEG_T, (s + 1) SEG_T), entering it with the
+    state that the maps h -> P_a h + P_b of segments 0..s-1 in CARRY (batch, NSEG, 2, D, N) give; the last segment
+    writes h_T. Without SPLIT, CARRY, SEG_T and NSEG are unused."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -47,7 +51,17 @@ def selective_scan_fwd_kernel(U, DELTA, A, B, C, DSKIP, H0, Y, HT, ST, T, DM, N,
     n_blocks = tl.cdiv(T, BLOCK_T)
     st_off = pid_b * (n_blocks + 1) * DM * N + offs_d[:, None] * N + offs_n[None, :]
     is_last = tl.arange(0, BLOCK_T) == BLOCK_T - 1
-    for t0 in range(0, T, BLOCK_T):
+    t_lo, t_hi, end_mask = 0, T, mask_dn
+    if SPLIT:                              # segment s: its entering state from h0 through segments 0..s-1
+        pid_s = tl.program_id(2)
+        dn_off = offs_d[:, None] * N + offs_n[None, :]
+        for j in range(0, pid_s):
+            c_off = (pid_b * NSEG + j) * 2 * DM * N + dn_off
+            h = tl.load(CARRY + c_off, mask=mask_dn, other=0.0) * h + tl.load(CARRY + c_off + DM * N, mask=mask_dn, other=0.0)
+        t_lo = pid_s * SEG_T
+        t_hi = tl.minimum(t_lo + SEG_T, T)
+        end_mask = tl.where(pid_s == NSEG - 1, mask_dn, False)          # only the last segment ends at h_T
+    for t0 in range(t_lo, t_hi, BLOCK_T):
         if SAVE:                                                        # the state entering this block
             tl.store(ST + st_off + (t0 // BLOCK_T) * DM * N, h, mask=mask_dn)
         offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)  # int64: t * DM passes 2**31 in one long sequence
@@ -75,9 +89,9 @@ def selective_scan_fwd_kernel(U, DELTA, A, B, C, DSKIP, H0, Y, HT, ST, T, DM, N,
             y += dskip[None, :] * u
         tl.store(Y + x_off, y.to(Y.dtype.element_ty), mask=m_td)
         h = tl.sum(tl.where(is_last[:, None, None], hs, 0.0), axis=0)    # the state after the block
-    tl.store(HT + h_off, h.to(HT.dtype.element_ty), mask=mask_dn)
+    tl.store(HT + h_off, h.to(HT.dtype.element_ty), mask=end_mask)
     if SAVE:
-        tl.store(ST + st_off + n_blocks * DM * N, h, mask=mask_dn)
+        tl.store(ST + st_off + n_blocks * DM * N, h, mask=end_mask)
 
 # %% ../../nbs/10a_selective_scan.ipynb #cell-028
 def _configs():
@@ -99,9 +113,30 @@ def _configs_t(shapes):
     shapes = shapes if torch.cuda.is_available() else [(8, 4)]
     return [triton.Config({"BLOCK_T": BWD_BLOCK_T, "BLOCK_D": bd}, num_warps=w) for bd, w in shapes]
 
-_fwd_tuned = triton.autotune(configs=_configs(), key=["DM", "N", "ACC", "SAVE"])(selective_scan_fwd_kernel)
+# the key holds the split (on or off, how many segments): a configuration tuned for one grid is not reused for another
+_FWD_KEY = ["DM", "N", "ACC", "SAVE", "SPLIT", "NSEG"]
+_fwd_tuned = triton.autotune(configs=_configs(), key=_FWD_KEY)(selective_scan_fwd_kernel)
 _fwd_save_tuned = triton.autotune(configs=_configs_t([(16, 4), (8, 2), (8, 4), (16, 8), (32, 8)]),
-                                  key=["DM", "N", "ACC", "SAVE"])(selective_scan_fwd_kernel)
+                                  key=_FWD_KEY)(selective_scan_fwd_kernel)
+# a forward segment is a multiple of every block length the autotuned forward (and its carry pass) may walk with:
+# 64 on a GPU, 8 in the interpreter
+_FWD_SEG_STEP = max(c.kwargs["BLOCK_T"] for c in _fwd_tuned.configs + _fwd_save_tuned.configs)
+
+def _split(T: int, segments, step: int) -> tuple[int, int]:
+    """(SEG_T, NSEG): split T steps into at most `segments` segments of SEG_T steps, a multiple of `step`, none
+    empty (the last may be shorter). Asking for more segments than T / step allows gives fewer (clamped)."""
+    if isinstance(segments, bool) or not isinstance(segments, int) or segments < 1:
+        raise ValueError(f"segments must be a positive int, got {segments!r}")
+    seg_t = triton.cdiv(triton.cdiv(T, segments), step) * step
+    return seg_t, triton.cdiv(T, seg_t)
+
+def _launch(kernel, tuned, grid, args, flags, block_t, block_d, num_warps):
+    """Launch `kernel` with fixed blocks (`block_d` given) or its autotuned version `tuned`; grid(BLOCK_D) is the
+    grid."""
+    if block_d is not None:
+        kernel[grid(block_d)](*args, **flags, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
+    else:
+        tuned[lambda meta: grid(meta["BLOCK_D"])](*args, **flags)
 
 def _check_triton(u, delta, A, B, C, D, h0, block_t=None, block_d=None):
     "What the Triton kernels need beyond `_check_inputs`: contiguous tensors on CUDA (or the interpreter), valid blocks."
@@ -119,43 +154,57 @@ def _check_triton(u, delta, A, B, C, D, h0, block_t=None, block_d=None):
             raise ValueError(f"{name} must be a power of two from 1 to 1024 (Triton's blocks), got {block!r}")
     return dims
 
-def _scan_fwd(u, delta, A, B, C, D, h0, save: bool, block_t=None, block_d=None, num_warps: int = 4):
+def _scan_fwd(u, delta, A, B, C, D, h0, save: bool, block_t=None, block_d=None, num_warps: int = 4,
+              segments: int = 1):
     """Launch the forward (inputs already checked); returns y, h_T and, with `save`, the states entering each block
-    of BWD_BLOCK_T steps and h_T after them, (batch, blocks + 1, D, N), for the backward."""
+    of BWD_BLOCK_T steps and h_T after them, (batch, blocks + 1, D, N), for the backward. `segments` > 1 splits
+    the time axis (see `_split`: too many are clamped), a carry pass first; 1 walks each sequence in one program."""
     bsz, T, dm, n = u.shape[0], u.shape[1], u.shape[2], A.shape[1]
+    bt = BWD_BLOCK_T if save else block_t          # the fixed block length, if any
+    seg_t, nseg = _split(T, segments, bt if block_d is not None else _FWD_SEG_STEP)
     acc = _acc_dtype(u.dtype)
     y = torch.empty_like(u)
     hT = torch.empty(bsz, dm, n, device=u.device, dtype=acc)
     st = torch.empty(bsz, triton.cdiv(T, BWD_BLOCK_T) + 1, dm, n, device=u.device, dtype=acc) if save else hT
-    flags = dict(HAS_D=D is not None, HAS_H0=h0 is not None, SAVE=save, ACC=tl.float64 if acc == torch.float64 else tl.float32,
-                 BLOCK_N=triton.next_power_of_2(n))
-    # absent D / h0 / states are replaced by any pointer; the HAS_* and SAVE flags keep the kernel from using them
-    args = (u, delta, A, B, C, D if D is not None else A, h0 if h0 is not None else hT, y, hT, st, T, dm, n)
-    if block_d is not None:
-        selective_scan_fwd_kernel[(bsz, triton.cdiv(dm, block_d))](*args, **flags, BLOCK_T=BWD_BLOCK_T if save else block_t,
-                                                                   BLOCK_D=block_d, num_warps=num_warps)
-    else:
-        tuned = _fwd_save_tuned if save else _fwd_tuned
-        tuned[lambda meta: (bsz, triton.cdiv(dm, meta["BLOCK_D"]))](*args, **flags)
+    flags = dict(ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK_N=triton.next_power_of_2(n))
+    carry = hT
+    if nseg > 1:   # the affine map of every segment but the last (the split in time, below)
+        carry = torch.empty(bsz, nseg, 2, dm, n, device=u.device, dtype=acc)
+        _launch(selective_scan_fwd_carry_kernel, _fwd_carry_tuned, lambda bd: (bsz, triton.cdiv(dm, bd), nseg - 1),
+                (u, delta, A, B, carry, T, dm, n, seg_t, nseg), flags, bt, block_d, num_warps)
+    # absent D / h0 / states / carry are replaced by any pointer; the HAS_*, SAVE and SPLIT flags keep the kernel
+    # from using them
+    args = (u, delta, A, B, C, D if D is not None else A, h0 if h0 is not None else hT, y, hT, st, carry, T, dm, n,
+            seg_t if nseg > 1 else 0, nseg)
+    flags.update(HAS_D=D is not None, HAS_H0=h0 is not None, SAVE=save, SPLIT=nseg > 1)
+    _launch(selective_scan_fwd_kernel, _fwd_save_tuned if save else _fwd_tuned,
+            lambda bd: (bsz, triton.cdiv(dm, bd), nseg), args, flags, bt, block_d, num_warps)
     return y, hT, (st if save else None)
 
-def selective_scan_triton(u, delta, A, B, C, D=None, h0=None, *, block_t: int | None = None, block_d: int | None = None):
+def selective_scan_triton(u, delta, A, B, C, D=None, h0=None, *, block_t: int | None = None, block_d: int | None = None,
+                          segments: int = 1):
     """The Triton forward of the selective scan (no autograd). Same arguments and results as `selective_scan_ref`;
     every tensor must be contiguous and on a CUDA device (or any device under TRITON_INTERPRET=1).
-    `block_t` and `block_d` fix the block sizes (give both or neither); by default they are autotuned."""
+    `block_t` and `block_d` fix the block sizes (give both or neither); by default they are autotuned.
+    `segments` (a positive int) splits the sequence into at most that many segments walked in parallel (the split
+    in time); more than the sequence allows, segments of a multiple of the block length, are clamped."""
     _check_triton(u, delta, A, B, C, D, h0, block_t, block_d)
-    y, hT, _ = _scan_fwd(u, delta, A, B, C, D, h0, save=False, block_t=block_t, block_d=block_d)
+    y, hT, _ = _scan_fwd(u, delta, A, B, C, D, h0, save=False, block_t=block_t, block_d=block_d, segments=segments)
     return y, hT
 
 # %% ../../nbs/10a_selective_scan.ipynb #cell-033b
 @triton.jit
-def selective_scan_bwd_kernel(U, DELTA, A, B, C, DSKIP, G, GHT, ST, DU, DDT, DA, DB, DC, DDSK, DH0, T, DM, N, BTN,
-                              HAS_D: tl.constexpr, HAS_GHT: tl.constexpr, HAS_H0: tl.constexpr, ACC: tl.constexpr,
+def selective_scan_bwd_kernel(U, DELTA, A, B, C, DSKIP, G, GHT, ST, DU, DDT, DA, DB, DC, DDSK, DH0, CARRY, T, DM, N, BTN,
+                              SEG_T, NSEG, HAS_D: tl.constexpr, HAS_GHT: tl.constexpr, HAS_H0: tl.constexpr,
+                              SPLIT: tl.constexpr, ACC: tl.constexpr,
                               BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: one sequence, BLOCK_D channels and all N states, walking the blocks from the last to the first.
     ST (batch, blocks + 1, D, N) holds the state entering each block (the forward kept it); lambda, the adjoint
     state, stays in registers from block to block as h does in the forward. DB and DC are (channel blocks, batch, T, N):
-    each program writes its own partial sums over its channels (BTN = batch * T * N apart), summed afterwards."""
+    each program writes its own partial sums over its channels (BTN = batch * T * N apart), summed afterwards.
+    With SPLIT program (b, d, s) walks only the blocks of segment s of NSEG (SEG_T steps, a multiple of BLOCK_T),
+    entering with the lambda that the maps lam -> Q_a lam + Q_b of segments NSEG-1..s+1 in CARRY give from dL/dh_T;
+    segment 0 writes dh0. Without SPLIT, CARRY, SEG_T and NSEG are unused."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -179,8 +228,17 @@ def selective_scan_bwd_kernel(U, DELTA, A, B, C, DSKIP, G, GHT, ST, DU, DDT, DA,
     n_blocks = tl.cdiv(T, BLOCK_T)
     st_b = ST + pid_b * (n_blocks + 1) * DM * N
     is_first = tl.arange(0, BLOCK_T) == 0
-    for kk in range(0, n_blocks):
-        k = n_blocks - 1 - kk
+    k_lo, k_hi, start_mask = 0, n_blocks, mask_dn
+    if SPLIT:                          # segment s: its lambda from dL/dh_T through segments NSEG-1..s+1
+        pid_s = tl.program_id(2)
+        for jj in range(0, NSEG - 1 - pid_s):
+            c_off = (pid_b * NSEG + NSEG - 1 - jj) * 2 * DM * N + dn_off
+            lam = tl.load(CARRY + c_off, mask=mask_dn, other=0.0) * lam + tl.load(CARRY + c_off + DM * N, mask=mask_dn, other=0.0)
+        k_lo = pid_s * (SEG_T // BLOCK_T)
+        k_hi = tl.minimum(k_lo + SEG_T // BLOCK_T, n_blocks)
+        start_mask = tl.where(pid_s == 0, mask_dn, False)                     # only the first segment reaches h0
+    for kk in range(0, k_hi - k_lo):
+        k = k_hi - 1 - kk
         offs_t = (k * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
         mask_t = offs_t < T
         x_off = pid_b * T * DM + offs_t[:, None] * DM + offs_d[None, :]
@@ -227,20 +285,24 @@ def selective_scan_bwd_kernel(U, DELTA, A, B, C, DSKIP, G, GHT, ST, DU, DDT, DA,
         tl.atomic_add(DDSK + offs_d, dd_acc, mask=mask_d)
     if HAS_H0:                                                                # dL/dh0 = a_0 lambda_0
         dt0 = tl.load(DELTA + pid_b * T * DM + offs_d, mask=mask_d, other=0.0).to(ACC)
-        tl.store(DH0 + pid_b * DM * N + dn_off, tl.exp(dt0[:, None] * a) * lam, mask=mask_dn)
+        tl.store(DH0 + pid_b * DM * N + dn_off, tl.exp(dt0[:, None] * a) * lam, mask=start_mask)
 
 # %% ../../nbs/10a_selective_scan.ipynb #cell-033d
 # the backward accumulates dA, dB, dC, dD with atomic adds: each autotuning trial starts them from zero
 _BWD_SHAPES = [(8, 1), (8, 2), (16, 1), (16, 2)]   # (BLOCK_D, warps) on a GPU: small programs, many of them
-_bwd_tuned = triton.autotune(configs=_configs_t(_BWD_SHAPES), key=["DM", "N", "ACC"],
+# (the carry pass of a split backward writes only its CARRY buffer and runs before this kernel: nothing to reset)
+_bwd_tuned = triton.autotune(configs=_configs_t(_BWD_SHAPES), key=["DM", "N", "ACC", "SPLIT", "NSEG"],
                              reset_to_zero=["DA", "DB", "DC", "DDSK"])(selective_scan_bwd_kernel)
 
 def selective_scan_triton_bwd(u, delta, A, B, C, D, h0, gy, ghT, states, *, block_d: int | None = None,
-                              num_warps: int = 4):
+                              num_warps: int = 4, segments: int = 1):
     """The Triton backward: gradients for output gradients gy (batch, T, D) and ghT (batch, D, N) or None, given
     `states` (batch, blocks + 1, D, N), what the forward kept (`_scan_fwd(..., save=True)`), blocks of BWD_BLOCK_T
-    steps. Returns (du, ddelta, dA, dB, dC, dD, dh0) like `selective_scan_bwd`; `block_d` fixes the channel block."""
+    steps. Returns (du, ddelta, dA, dB, dC, dD, dh0) like `selective_scan_bwd`; `block_d` fixes the channel block.
+    `segments` (a positive int) splits the sequence into at most that many segments of whole blocks walked in
+    parallel after a carry pass (the split in time); more than the blocks allow are clamped."""
     bsz, T, dm, n = _check_triton(u, delta, A, B, C, D, h0)
+    seg_t, nseg = _split(T, segments, BWD_BLOCK_T)
     if gy.shape != u.shape or not gy.is_contiguous():
         raise ValueError(f"gy must be a contiguous tensor of u's shape {tuple(u.shape)}, got {tuple(gy.shape)}")
     if ghT is not None and (ghT.shape != (bsz, dm, n) or not ghT.is_contiguous()):
@@ -258,16 +320,48 @@ def selective_scan_triton_bwd(u, delta, A, B, C, D, h0, gy, ghT, states, *, bloc
     dC = torch.zeros_like(dB)
     dD = torch.zeros(dm, device=u.device, dtype=acc) if D is not None else None
     dh0 = torch.empty(bsz, dm, n, device=u.device, dtype=acc) if h0 is not None else None
+    flags = dict(ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK_N=triton.next_power_of_2(n))
+    carry = dA
+    if nseg > 1:   # the affine map of every segment but the first (the split in time, below)
+        carry = torch.empty(bsz, nseg, 2, dm, n, device=u.device, dtype=acc)
+        _launch(selective_scan_bwd_carry_kernel, _bwd_carry_tuned, lambda bd: (bsz, triton.cdiv(dm, bd), nseg - 1),
+                (delta, A, C, gy, carry, T, dm, n, seg_t, nseg), flags, BWD_BLOCK_T, block_d, num_warps)
     args = (u, delta, A, B, C, D if D is not None else A, gy, ghT if ghT is not None else A, states,
-            du, ddt, dA, dB, dC, dD if D is not None else dA, dh0 if h0 is not None else dA, T, dm, n, bsz * T * n)
-    flags = dict(HAS_D=D is not None, HAS_GHT=ghT is not None, HAS_H0=h0 is not None,
-                 ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK_N=triton.next_power_of_2(n))
-    if block_d is not None:
-        selective_scan_bwd_kernel[(bsz, triton.cdiv(dm, block_d))](*args, **flags, BLOCK_T=BWD_BLOCK_T, BLOCK_D=block_d,
-                                                                   num_warps=num_warps)
-    else:
-        _bwd_tuned[lambda meta: (bsz, triton.cdiv(dm, meta["BLOCK_D"]))](*args, **flags)
+            du, ddt, dA, dB, dC, dD if D is not None else dA, dh0 if h0 is not None else dA, carry, T, dm, n, bsz * T * n,
+            seg_t if nseg > 1 else 0, nseg)
+    flags.update(HAS_D=D is not None, HAS_GHT=ghT is not None, HAS_H0=h0 is not None, SPLIT=nseg > 1)
+    _launch(selective_scan_bwd_kernel, _bwd_tuned, lambda bd: (bsz, triton.cdiv(dm, bd), nseg), args, flags,
+            BWD_BLOCK_T, block_d, num_warps)
     return du, ddt, dA, dB.sum(0).to(B.dtype), dC.sum(0).to(C.dtype), dD, dh0
+
+
+# the split-in-time policy: segments enough for about this many programs per SM (0: no split), per pass;
+# the values come from a GPU sweep
+SPLIT_PROGRAMS_PER_SM = dict(fwd=0, bwd=0)
+MAX_SEGMENTS = 64          # each program first folds the maps of the segments before it: O(segments) loads
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device) -> int:
+    "The streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter; tests patch this)."
+    device = torch.device(device)
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+def _segments(pass_: str, bsz: int, dm: int, n_units: int, T: int, device) -> int:
+    """How many segments to split the time axis of `pass_` ("fwd" or "bwd") into: enough that bsz * n_units
+    programs (n_units: channel blocks of the dm channels) times the segments make about SPLIT_PROGRAMS_PER_SM[pass_]
+    programs per SM, at least 1, at most MAX_SEGMENTS, and none shorter than 64 steps (forward) or BWD_BLOCK_T steps
+    (backward). 1 while the policy is 0 (the default, on any device)."""
+    if pass_ not in SPLIT_PROGRAMS_PER_SM:
+        raise ValueError(f"pass_ must be one of {tuple(SPLIT_PROGRAMS_PER_SM)}, got {pass_!r}")
+    per_sm = SPLIT_PROGRAMS_PER_SM[pass_]
+    if not per_sm:
+        return 1
+    want = round(per_sm * _sm_count(device) / (bsz * n_units))
+    return max(1, min(want, MAX_SEGMENTS, T // (64 if pass_ == "fwd" else BWD_BLOCK_T)))
+
+def _units(tuned, dm: int) -> int:
+    "Channel blocks of the first (best-swept) configuration of an autotuned kernel: the policy's program count."
+    return triton.cdiv(dm, tuned.configs[0].kwargs["BLOCK_D"])
 
 
 class SelectiveScanFn(torch.autograd.Function):
@@ -277,7 +371,10 @@ class SelectiveScanFn(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, h0, backend, chunk):
         states = None
         if backend == "triton":
-            y, hT, states = _scan_fwd(u, delta, A, B, C, D, h0, save=any(ctx.needs_input_grad[:7]))
+            save = any(ctx.needs_input_grad[:7])
+            bsz, T, dm = u.shape
+            segments = _segments("fwd", bsz, dm, _units(_fwd_save_tuned if save else _fwd_tuned, dm), T, u.device)
+            y, hT, states = _scan_fwd(u, delta, A, B, C, D, h0, save=save, segments=segments)
         else:
             y, hT = selective_scan_chunked(u, delta, A, B, C, D, h0, chunk=chunk)
         ctx.save_for_backward(u, delta, A, B, C, D, h0, states)     # inputs, and (Triton) one state per block
@@ -288,8 +385,10 @@ class SelectiveScanFn(torch.autograd.Function):
     def backward(ctx, gy, ghT):
         u, delta, A, B, C, D, h0, states = ctx.saved_tensors
         if ctx.backend == "triton":
+            bsz, T, dm = u.shape
+            segments = _segments("bwd", bsz, dm, _units(_bwd_tuned, dm), T, u.device)
             grads = selective_scan_triton_bwd(u, delta, A, B, C, D, h0, gy.contiguous(),
-                                              None if ghT is None else ghT.contiguous(), states)
+                                              None if ghT is None else ghT.contiguous(), states, segments=segments)
         else:
             grads = selective_scan_bwd(u, delta, A, B, C, D, h0, gy, ghT, chunk=ctx.chunk)
         return (*grads, None, None)
@@ -323,6 +422,100 @@ def selective_scan(u, delta, A, B, C, D=None, h0=None, *, backend: str = "auto",
         u, delta, A, B, C = (x.contiguous() for x in (u, delta, A, B, C))
         D, h0 = (None if x is None else x.contiguous() for x in (D, h0))
     return SelectiveScanFn.apply(u, delta, A, B, C, D, h0, backend, chunk)
+
+# %% ../../nbs/10a_selective_scan.ipynb #cell-033h
+@triton.jit
+def _carry_setup(A, DM, N, ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What both carry kernels start with, as the main kernels do: the (BLOCK_D, BLOCK_N) tile's offsets dn_off and
+    mask, and A in the exponent's base (times log2 e in float32, for exp2; padded lanes 0)."""
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d, mask_n = offs_d < DM, offs_n < N
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    dn_off = offs_d[:, None] * N + offs_n[None, :]
+    a = tl.load(A + dn_off, mask=mask_dn, other=0.0).to(ACC)
+    if ACC == tl.float32:
+        a = a * 1.4426950408889634
+    return offs_d, offs_n, mask_d, mask_n, mask_dn, dn_off, a
+
+@triton.jit
+def _exp(x, ACC: tl.constexpr):
+    "e^x for an exponent formed with `_carry_setup`'s A: exp2 in float32, exp in float64."
+    if ACC == tl.float32:
+        return tl.exp2(x)
+    else:
+        return tl.exp(x)
+
+@triton.jit
+def _store_carry(CARRY, pid_b, seg, NSEG, DM, N, dn_off, mask_dn, m_a, m_b):
+    "Store the map x -> m_a x + m_b of segment `seg` of sequence `pid_b` into CARRY (batch, NSEG, 2, D, N)."
+    c_off = (pid_b * NSEG + seg) * 2 * DM * N + dn_off
+    tl.store(CARRY + c_off, m_a, mask=mask_dn)
+    tl.store(CARRY + c_off + DM * N, m_b, mask=mask_dn)
+
+@triton.jit
+def selective_scan_fwd_carry_kernel(U, DELTA, A, B, CARRY, T, DM, N, SEG_T, NSEG, ACC: tl.constexpr,
+                                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (b, d, s): the map h -> P_a h + P_b of segment s, steps [s SEG_T, min((s + 1) SEG_T, T)), for BLOCK_D
+    channels and all N states: P_a = exp(A sum_t delta_t), P_b = the segment's last state from h = 0, into
+    CARRY (batch, NSEG, 2, D, N). The forward's walk without C, y and kept states; launched for segments 0..NSEG-2."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(2)
+    offs_d, offs_n, mask_d, mask_n, mask_dn, dn_off, a = _carry_setup(A, DM, N, ACC, BLOCK_D, BLOCK_N)
+    h = tl.zeros((BLOCK_D, BLOCK_N), dtype=ACC)
+    dt_sum = tl.zeros((BLOCK_D,), dtype=ACC)
+    is_last = tl.arange(0, BLOCK_T) == BLOCK_T - 1
+    t_lo = pid_s * SEG_T
+    for t0 in range(t_lo, tl.minimum(t_lo + SEG_T, T), BLOCK_T):
+        offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+        mask_t = offs_t < T
+        x_off = pid_b * T * DM + offs_t[:, None] * DM + offs_d[None, :]
+        m_td = mask_t[:, None] & mask_d[None, :]
+        u = tl.load(U + x_off, mask=m_td, other=0.0).to(ACC)
+        dt = tl.load(DELTA + x_off, mask=m_td, other=0.0).to(ACC)
+        b = tl.load(B + pid_b * T * N + offs_t[:, None] * N + offs_n[None, :], mask=mask_t[:, None] & mask_n[None, :],
+                    other=0.0).to(ACC)
+        pa, pb = tl.associative_scan((_exp(dt[:, :, None] * a[None, :, :], ACC), (dt * u)[:, :, None] * b[:, None, :]),
+                                     0, _combine)
+        h = tl.sum(tl.where(is_last[:, None, None], pa * h[None, :, :] + pb, 0.0), axis=0)
+        dt_sum += tl.sum(dt, axis=0)
+    _store_carry(CARRY, pid_b, pid_s, NSEG, DM, N, dn_off, mask_dn, _exp(dt_sum[:, None] * a, ACC), h)
+
+@triton.jit
+def selective_scan_bwd_carry_kernel(DELTA, A, C, G, CARRY, T, DM, N, SEG_T, NSEG, ACC: tl.constexpr,
+                                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (b, d, i): the map lam -> Q_a lam + Q_b from lambda_{t1} to lambda_{t0} of segment s = NSEG - 1 - i,
+    steps [t0, t1) = [s SEG_T, min((s + 1) SEG_T, T)), SEG_T a multiple of BLOCK_T, for BLOCK_D channels and all N
+    states: Q_a = exp(A sum_{t0 < t <= t1} delta_t) (delta_T = 0), Q_b = lambda_{t0} from lambda_{t1} = 0, into
+    CARRY (batch, NSEG, 2, D, N). The backward's adjoint walk alone; launched for segments NSEG-1..1."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_s = NSEG - 1 - tl.program_id(2)
+    offs_d, offs_n, mask_d, mask_n, mask_dn, dn_off, a = _carry_setup(A, DM, N, ACC, BLOCK_D, BLOCK_N)
+    lam = tl.zeros((BLOCK_D, BLOCK_N), dtype=ACC)
+    dt_sum = tl.zeros((BLOCK_D,), dtype=ACC)
+    is_first = tl.arange(0, BLOCK_T) == 0
+    k_lo = pid_s * (SEG_T // BLOCK_T)
+    k_hi = tl.minimum(k_lo + SEG_T // BLOCK_T, tl.cdiv(T, BLOCK_T))
+    for kk in range(0, k_hi - k_lo):
+        k = k_hi - 1 - kk
+        offs_t = (k * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+        mask_t = offs_t < T
+        x_off = pid_b * T * DM + offs_t[:, None] * DM + offs_d[None, :]
+        m_td = mask_t[:, None] & mask_d[None, :]
+        g = tl.load(G + x_off, mask=m_td, other=0.0).to(ACC)
+        dtn = tl.load(DELTA + x_off + DM, mask=(offs_t + 1 < T)[:, None] & mask_d[None, :], other=0.0).to(ACC)
+        c = tl.load(C + pid_b * T * N + offs_t[:, None] * N + offs_n[None, :], mask=mask_t[:, None] & mask_n[None, :],
+                    other=0.0).to(ACC)
+        # lambda_t = C_t g_t + a_{t+1} lambda_{t+1}, from the end of the block backwards, as in the backward kernel
+        qa, qb = tl.associative_scan((_exp(dtn[:, :, None] * a[None, :, :], ACC), g[:, :, None] * c[:, None, :]),
+                                     0, _combine, reverse=True)
+        lam = tl.sum(tl.where(is_first[:, None, None], qb + qa * lam[None, :, :], 0.0), axis=0)
+        dt_sum += tl.sum(dtn, axis=0)
+    _store_carry(CARRY, pid_b, pid_s, NSEG, DM, N, dn_off, mask_dn, _exp(dt_sum[:, None] * a, ACC), lam)
+
+# the carry passes write only CARRY, every time: autotuning them needs no reset
+_fwd_carry_tuned = triton.autotune(configs=_configs(), key=["DM", "N", "ACC", "NSEG"])(selective_scan_fwd_carry_kernel)
+_bwd_carry_tuned = triton.autotune(configs=_configs_t(_BWD_SHAPES), key=["DM", "N", "ACC", "NSEG"])(selective_scan_bwd_carry_kernel)
 
 # %% ../../nbs/10a_selective_scan.ipynb #cell-009
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
