@@ -140,7 +140,12 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
     ap.add_argument("--ncu", action="store_true", help="profile our kernels at the anchor shape with Nsight Compute")
     ap.add_argument("--ncu-target", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--split-fwd", type=int, help="SPLIT_PROGRAMS_PER_SM for the forward (default: the module's)")
+    ap.add_argument("--split-bwd", type=int, help="SPLIT_PROGRAMS_PER_SM for the backward (default: the module's)")
     args = ap.parse_args()
+    for pass_, value in (("fwd", args.split_fwd), ("bwd", args.split_bwd)):
+        if value is not None:
+            ss.SPLIT_PROGRAMS_PER_SM[pass_] = value
     if args.ncu_target:
         return ncu_target(args.ncu_target)
     if not args.smoke:
@@ -149,7 +154,7 @@ def main():
            "triton": triton.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "commit": os.environ.get("TINYLAB_COMMIT", "unknown"), "script": "benchmarks/bench_ssm.py", "args": vars(args),
-           "bwd_block_t": ss.BWD_BLOCK_T, "rows": [], "checks": [], "skipped": [], "errors": [], "phases": {}}
+           "bwd_block_t": ss.BWD_BLOCK_T, "split_programs_per_sm": dict(ss.SPLIT_PROGRAMS_PER_SM), "rows": [], "checks": [], "skipped": [], "errors": [], "phases": {}}
 
     def save():
         rec["seconds"] = elapsed()

@@ -366,15 +366,12 @@ def test_split_through_autograd_matches_reference(monkeypatch):
     monkeypatch.setitem(ss.SPLIT_PROGRAMS_PER_SM, "fwd", 1)
     monkeypatch.setitem(ss.SPLIT_PROGRAMS_PER_SM, "bwd", 2)
     kw = ss.random_inputs(1, 130, 3, 2, device=DEV, with_h0=True, seed=9)
-    got = {}
+    got, segments = {}, ss._segments
 
-    def record(pass_, fn):
-        def call(*a, **k):
-            got[pass_] = k["segments"]
-            return fn(*a, **k)
-        return call
-    monkeypatch.setattr(ss, "_scan_fwd", record("fwd", ss._scan_fwd))
-    monkeypatch.setattr(ss, "selective_scan_triton_bwd", record("bwd", ss.selective_scan_triton_bwd))
+    def record(pass_, *a):
+        got[pass_] = segments(pass_, *a)
+        return got[pass_]
+    monkeypatch.setattr(ss, "_segments", record)
     grads = {}
     for backend in ("ref", "triton"):
         leaves = {k: v.clone().requires_grad_() for k, v in kw.items()}
@@ -400,9 +397,9 @@ def test_segments_policy(monkeypatch, pass_, per_sm, bsz, n_units, T, want):
     assert ss._segments(pass_, bsz, 1536, n_units, T, torch.device(DEV)) == want
 
 
-def test_segments_default_is_one_split():
-    "The defaults (0) never split, and on a CPU the SM count is 1; a bad pass name is refused."
-    assert ss.SPLIT_PROGRAMS_PER_SM == dict(fwd=0, bwd=0)
+def test_segments_policy_off_is_one_split(monkeypatch):
+    "A policy of 0 never splits, and on a CPU the SM count is 1; a bad pass name is refused."
+    monkeypatch.setattr(ss, "SPLIT_PROGRAMS_PER_SM", dict(fwd=0, bwd=0))
     assert ss._segments("fwd", 1, 64, 4, 10**5, torch.device(DEV)) == 1
     assert ss._segments("bwd", 1, 64, 4, 10**5, torch.device(DEV)) == 1
     if DEV == "cpu":
@@ -411,7 +408,7 @@ def test_segments_default_is_one_split():
         ss._segments("both", 1, 64, 4, 100, torch.device(DEV))
 
 
-@pytest.mark.parametrize("segments", [0, -2, 1.5, True, "2", None])
+@pytest.mark.parametrize("segments", [0, -2, 1.5, True, "2"])
 def test_bad_segments(segments):
     _, _, states = ss._scan_fwd(*KW.values(), save=True)
     for call in (lambda: ss.selective_scan_triton(**KW, segments=segments),
@@ -420,3 +417,17 @@ def test_bad_segments(segments):
                                                       segments=segments)):
         with pytest.raises(ValueError, match="segments must be a positive int"):
             call()
+
+
+def test_split_sweep_smoke(tmp_path):
+    "benchmarks/scan_split_sweep.py --smoke: every policy value checked against no split, then timed; a best value per pass."
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / "sweep.json"
+    proc = subprocess.run([sys.executable, "benchmarks/scan_split_sweep.py", "--smoke", "--out", str(out)], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": ".", "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rec = json.loads(out.read_text())
+    assert all(r["ok"] for r in rec["rows"]) and set(rec["best"]) == {"fwd", "bwd"}
+    assert any(r["segments"] > 1 for r in rec["rows"] if r["pass_"] == "bwd")   # the sweep did split

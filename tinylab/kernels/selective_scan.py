@@ -154,12 +154,44 @@ def _check_triton(u, delta, A, B, C, D, h0, block_t=None, block_d=None):
             raise ValueError(f"{name} must be a power of two from 1 to 1024 (Triton's blocks), got {block!r}")
     return dims
 
+# the split-in-time policy: segments enough for about this many programs per SM (0: no split), per pass;
+# the values come from a GPU sweep
+SPLIT_PROGRAMS_PER_SM = dict(fwd=0, bwd=0)
+MAX_SEGMENTS = 64          # each program first folds the maps of the segments before it: O(segments) loads
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device) -> int:
+    "The streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter; tests patch this)."
+    device = torch.device(device)
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+def _segments(pass_: str, bsz: int, dm: int, n_units: int, T: int, device) -> int:
+    """How many segments to split the time axis of `pass_` ("fwd" or "bwd") into: enough that bsz * n_units
+    programs (n_units: channel blocks of the dm channels) times the segments make about SPLIT_PROGRAMS_PER_SM[pass_]
+    programs per SM, at least 1, at most MAX_SEGMENTS, and none shorter than 64 steps (forward) or BWD_BLOCK_T steps
+    (backward). 1 while the policy is 0 (the default, on any device)."""
+    if pass_ not in SPLIT_PROGRAMS_PER_SM:
+        raise ValueError(f"pass_ must be one of {tuple(SPLIT_PROGRAMS_PER_SM)}, got {pass_!r}")
+    per_sm = SPLIT_PROGRAMS_PER_SM[pass_]
+    if not per_sm:
+        return 1
+    want = round(per_sm * _sm_count(device) / (bsz * n_units))
+    return max(1, min(want, MAX_SEGMENTS, T // (64 if pass_ == "fwd" else BWD_BLOCK_T)))
+
+def _units(tuned, dm: int, block_d: int | None = None) -> int:
+    """Channel blocks of a launch: of `block_d` if fixed, else of the first (best-swept) configuration of the autotuned
+    kernel `tuned`: the policy's program count."""
+    return triton.cdiv(dm, block_d or tuned.configs[0].kwargs["BLOCK_D"])
+
 def _scan_fwd(u, delta, A, B, C, D, h0, save: bool, block_t=None, block_d=None, num_warps: int = 4,
-              segments: int = 1):
+              segments: int | None = None):
     """Launch the forward (inputs already checked); returns y, h_T and, with `save`, the states entering each block
     of BWD_BLOCK_T steps and h_T after them, (batch, blocks + 1, D, N), for the backward. `segments` > 1 splits
-    the time axis (see `_split`: too many are clamped), a carry pass first; 1 walks each sequence in one program."""
+    the time axis (see `_split`: too many are clamped), a carry pass first; 1 walks each sequence in one program;
+    None: as many as the policy `SPLIT_PROGRAMS_PER_SM` asks for."""
     bsz, T, dm, n = u.shape[0], u.shape[1], u.shape[2], A.shape[1]
+    if segments is None:
+        segments = _segments("fwd", bsz, dm, _units(_fwd_save_tuned if save else _fwd_tuned, dm, block_d), T, u.device)
     bt = BWD_BLOCK_T if save else block_t          # the fixed block length, if any
     seg_t, nseg = _split(T, segments, bt if block_d is not None else _FWD_SEG_STEP)
     acc = _acc_dtype(u.dtype)
@@ -182,12 +214,13 @@ def _scan_fwd(u, delta, A, B, C, D, h0, save: bool, block_t=None, block_d=None, 
     return y, hT, (st if save else None)
 
 def selective_scan_triton(u, delta, A, B, C, D=None, h0=None, *, block_t: int | None = None, block_d: int | None = None,
-                          segments: int = 1):
+                          segments: int | None = None):
     """The Triton forward of the selective scan (no autograd). Same arguments and results as `selective_scan_ref`;
     every tensor must be contiguous and on a CUDA device (or any device under TRITON_INTERPRET=1).
     `block_t` and `block_d` fix the block sizes (give both or neither); by default they are autotuned.
     `segments` (a positive int) splits the sequence into at most that many segments walked in parallel (the split
-    in time); more than the sequence allows, segments of a multiple of the block length, are clamped."""
+    in time); more than the sequence allows, segments of a multiple of the block length, are clamped; by default
+    (None) the policy `SPLIT_PROGRAMS_PER_SM` sets it."""
     _check_triton(u, delta, A, B, C, D, h0, block_t, block_d)
     y, hT, _ = _scan_fwd(u, delta, A, B, C, D, h0, save=False, block_t=block_t, block_d=block_d, segments=segments)
     return y, hT
@@ -295,13 +328,16 @@ _bwd_tuned = triton.autotune(configs=_configs_t(_BWD_SHAPES), key=["DM", "N", "A
                              reset_to_zero=["DA", "DB", "DC", "DDSK"])(selective_scan_bwd_kernel)
 
 def selective_scan_triton_bwd(u, delta, A, B, C, D, h0, gy, ghT, states, *, block_d: int | None = None,
-                              num_warps: int = 4, segments: int = 1):
+                              num_warps: int = 4, segments: int | None = None):
     """The Triton backward: gradients for output gradients gy (batch, T, D) and ghT (batch, D, N) or None, given
     `states` (batch, blocks + 1, D, N), what the forward kept (`_scan_fwd(..., save=True)`), blocks of BWD_BLOCK_T
     steps. Returns (du, ddelta, dA, dB, dC, dD, dh0) like `selective_scan_bwd`; `block_d` fixes the channel block.
     `segments` (a positive int) splits the sequence into at most that many segments of whole blocks walked in
-    parallel after a carry pass (the split in time); more than the blocks allow are clamped."""
+    parallel after a carry pass (the split in time); more than the blocks allow are clamped; None: as many as the
+    policy `SPLIT_PROGRAMS_PER_SM` asks for."""
     bsz, T, dm, n = _check_triton(u, delta, A, B, C, D, h0)
+    if segments is None:
+        segments = _segments("bwd", bsz, dm, _units(_bwd_tuned, dm, block_d), T, u.device)
     seg_t, nseg = _split(T, segments, BWD_BLOCK_T)
     if gy.shape != u.shape or not gy.is_contiguous():
         raise ValueError(f"gy must be a contiguous tensor of u's shape {tuple(u.shape)}, got {tuple(gy.shape)}")
@@ -335,35 +371,6 @@ def selective_scan_triton_bwd(u, delta, A, B, C, D, h0, gy, ghT, states, *, bloc
     return du, ddt, dA, dB.sum(0).to(B.dtype), dC.sum(0).to(C.dtype), dD, dh0
 
 
-# the split-in-time policy: segments enough for about this many programs per SM (0: no split), per pass;
-# the values come from a GPU sweep
-SPLIT_PROGRAMS_PER_SM = dict(fwd=0, bwd=0)
-MAX_SEGMENTS = 64          # each program first folds the maps of the segments before it: O(segments) loads
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device) -> int:
-    "The streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter; tests patch this)."
-    device = torch.device(device)
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-def _segments(pass_: str, bsz: int, dm: int, n_units: int, T: int, device) -> int:
-    """How many segments to split the time axis of `pass_` ("fwd" or "bwd") into: enough that bsz * n_units
-    programs (n_units: channel blocks of the dm channels) times the segments make about SPLIT_PROGRAMS_PER_SM[pass_]
-    programs per SM, at least 1, at most MAX_SEGMENTS, and none shorter than 64 steps (forward) or BWD_BLOCK_T steps
-    (backward). 1 while the policy is 0 (the default, on any device)."""
-    if pass_ not in SPLIT_PROGRAMS_PER_SM:
-        raise ValueError(f"pass_ must be one of {tuple(SPLIT_PROGRAMS_PER_SM)}, got {pass_!r}")
-    per_sm = SPLIT_PROGRAMS_PER_SM[pass_]
-    if not per_sm:
-        return 1
-    want = round(per_sm * _sm_count(device) / (bsz * n_units))
-    return max(1, min(want, MAX_SEGMENTS, T // (64 if pass_ == "fwd" else BWD_BLOCK_T)))
-
-def _units(tuned, dm: int) -> int:
-    "Channel blocks of the first (best-swept) configuration of an autotuned kernel: the policy's program count."
-    return triton.cdiv(dm, tuned.configs[0].kwargs["BLOCK_D"])
-
-
 class SelectiveScanFn(torch.autograd.Function):
     """Forward by the Triton kernel or the chunked scan. Backward: with the Triton forward, the Triton backward, from
     the states the forward kept every BWD_BLOCK_T steps; with the chunked one, `selective_scan_bwd` (PyTorch)."""
@@ -371,10 +378,7 @@ class SelectiveScanFn(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, h0, backend, chunk):
         states = None
         if backend == "triton":
-            save = any(ctx.needs_input_grad[:7])
-            bsz, T, dm = u.shape
-            segments = _segments("fwd", bsz, dm, _units(_fwd_save_tuned if save else _fwd_tuned, dm), T, u.device)
-            y, hT, states = _scan_fwd(u, delta, A, B, C, D, h0, save=save, segments=segments)
+            y, hT, states = _scan_fwd(u, delta, A, B, C, D, h0, save=any(ctx.needs_input_grad[:7]))
         else:
             y, hT = selective_scan_chunked(u, delta, A, B, C, D, h0, chunk=chunk)
         ctx.save_for_backward(u, delta, A, B, C, D, h0, states)     # inputs, and (Triton) one state per block
@@ -385,10 +389,8 @@ class SelectiveScanFn(torch.autograd.Function):
     def backward(ctx, gy, ghT):
         u, delta, A, B, C, D, h0, states = ctx.saved_tensors
         if ctx.backend == "triton":
-            bsz, T, dm = u.shape
-            segments = _segments("bwd", bsz, dm, _units(_bwd_tuned, dm), T, u.device)
             grads = selective_scan_triton_bwd(u, delta, A, B, C, D, h0, gy.contiguous(),
-                                              None if ghT is None else ghT.contiguous(), states, segments=segments)
+                                              None if ghT is None else ghT.contiguous(), states)
         else:
             grads = selective_scan_bwd(u, delta, A, B, C, D, h0, gy, ghT, chunk=ctx.chunk)
         return (*grads, None, None)

@@ -1,0 +1,96 @@
+"""Sweep of the selective scan's split in time (nbs/10a_selective_scan.ipynb, `SPLIT_PROGRAMS_PER_SM`) on one GPU.
+
+For each policy value (programs per SM the split aims for; 0 = no split) it times, at batch 4 and 1 (D 1536, N 16,
+T 2048, the anchor shape of `bench_ssm.py`), in float32 and bfloat16: the forward, the forward that keeps states for
+the backward, and the backward. Each split result is first checked against the unsplit one (no timing on a red gate).
+Times are medians of `triton.testing.do_bench`, autotuned blocks. It then picks, per pass, the value with the least
+geometric mean of (time / unsplit time) over the cases, and writes everything as JSON; `bench_ssm.py --split-fwd F
+--split-bwd B` times the chosen policy beside mamba-ssm.
+Usage: PYTHONPATH=. python3 benchmarks/scan_split_sweep.py --out sweep.json [--smoke (CPU interpreter)]"""
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+
+if "--smoke" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from tinylab.kernels import selective_scan as ss  # noqa: E402
+
+VALUES = [0, 2, 4, 8, 16, 32]
+
+
+def rel_err(out, ref):
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12)).item()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
+    args = ap.parse_args()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.smoke:
+        shapes, bench = [(1, 40, 6, 3)], lambda fn: (lambda t0: (fn(), (time.perf_counter() - t0) * 1e3)[1])(time.perf_counter())
+        ss._sm_count = lambda device: 4                       # a small GPU's worth of programs, so the policy splits
+    else:
+        assert dev == "cuda", "this sweep needs a GPU (or --smoke)"
+        shapes = [(4, 2048, 1536, 16), (1, 2048, 1536, 16)]
+        bench = lambda fn: float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    rec = dict(device=torch.cuda.get_device_name() if dev == "cuda" else "cpu (smoke)", torch=torch.__version__,
+               triton=triton.__version__, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               commit=os.environ.get("TINYLAB_COMMIT"), script="benchmarks/scan_split_sweep.py", values=VALUES, rows=[])
+    for b, T, d, n in shapes:
+        for dtype in (torch.float32, torch.bfloat16):
+            tol = 1e-4 if dtype == torch.float32 else 1e-2
+            kw = ss.random_inputs(b, T, d, n, dtype=dtype, device=dev, seed=1)
+            args_ = tuple(kw.values())
+            g = torch.randn_like(kw["u"])
+            passes = {"fwd": lambda: ss._scan_fwd(*args_, save=False)[:2],
+                      "fwd, keeping states": lambda: ss._scan_fwd(*args_, save=True),
+                      "bwd": lambda: ss.selective_scan_triton_bwd(*args_, g, None, states)}
+            for value in VALUES:
+                ss.SPLIT_PROGRAMS_PER_SM.update(fwd=value, bwd=value)
+                if value == 0:                                       # the unsplit results: what each split must equal
+                    states = ss._scan_fwd(*args_, save=True)[2]
+                    refs = {name: [x for x in fn() if x is not None] for name, fn in passes.items()}
+                for name, fn in passes.items():
+                    units = ss._units(ss._bwd_tuned if name == "bwd" else ss._fwd_save_tuned if "keeping" in name
+                                      else ss._fwd_tuned, d)
+                    segments = ss._segments("bwd" if name == "bwd" else "fwd", b, d, units, T, kw["u"].device)
+                    err = max(rel_err(o, r) for o, r in zip([x for x in fn() if x is not None], refs[name]))
+                    row = dict(pass_=name, dtype=str(dtype).split(".")[1], batch=b, T=T, D=d, N=n, programs_per_sm=value,
+                               segments=segments, rel_err=err, ok=err < (tol if name != "bwd" else 10 * tol))
+                    if row["ok"]:
+                        row["ms"] = bench(fn)
+                    rec["rows"].append(row)
+                    print(json.dumps(row), flush=True)
+            ss.SPLIT_PROGRAMS_PER_SM.update(fwd=0, bwd=0)
+            del kw, args_, g, states, refs
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+    # per pass: the value whose geometric-mean time relative to no split is least (red gates disqualify a value)
+    rec["best"] = {}
+    for key, names in (("fwd", ("fwd", "fwd, keeping states")), ("bwd", ("bwd",))):
+        base = {(r["pass_"], r["dtype"], r["batch"]): r["ms"] for r in rec["rows"] if r["programs_per_sm"] == 0}
+        score = {}
+        for value in VALUES:
+            rows = [r for r in rec["rows"] if r["programs_per_sm"] == value and r["pass_"] in names]
+            if rows and all(r["ok"] for r in rows):
+                score[value] = math.exp(sum(math.log(r["ms"] / base[(r["pass_"], r["dtype"], r["batch"])]) for r in rows)
+                                        / len(rows))
+        rec.setdefault("geomean_vs_unsplit", {})[key] = score
+        rec["best"][key] = min(score, key=score.get)
+    with open(args.out, "w") as f:
+        json.dump(rec, f, indent=1)
+    print("best:", rec["best"], rec["geomean_vs_unsplit"])
+
+
+if __name__ == "__main__":
+    main()
