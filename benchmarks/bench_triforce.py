@@ -123,7 +123,9 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--budget", type=int, default=4096)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU under TRITON_INTERPRET=1 (checks the script)")
+    ap.add_argument("--tuning", default="{}", help="JSON of TUNING entries to time instead of the module's")
     args = ap.parse_args()
+    sda_module.TUNING.update(json.loads(args.tuning))
     global do_bench, USE_TRITON
     if args.smoke:
         USE_TRITON = True
