@@ -367,7 +367,8 @@ def build_and_train(data: Path, S: dict, seed: int, dev: torch.device) -> dict:
 
     # validation loss of the trained models on held-out windows (contiguous positions), a sanity check
     with torch.no_grad():
-        xs = torch.stack([tokens[len(tokens) - n_val + i * S["window"]:][:S["window"] + 1] for i in range(8)]).to(dev)
+        n_windows = max(1, min(8, n_val // (S["window"] + 1)))   # as many whole windows as the held-out text holds, up to 8
+        xs = torch.stack([tokens[len(tokens) - n_val + i * S["window"]:][:S["window"] + 1] for i in range(n_windows)]).to(dev)
         val = {name: lm_loss(m, xs).item() for name, m in (("target", target), ("draft", draft))}
     print(f"validation loss: {val}", flush=True)
     record = dict(device=device, torch=torch.__version__, transformers=transformers.__version__,
