@@ -532,7 +532,8 @@ def diagnose(data: Path, out: Path | None, size: str, seed: int = 0, **overrides
     tf = TriForceConfig(budget=S["budget"], sinks=S["sinks"], window=S["draft_window"])
     result = dict(**built["record"], date=datetime.now(timezone.utc).strftime("%Y-%m-%d"), size=size, step="diagnose",
                   triforce=dict(gamma1=tf.gamma1, gamma2=tf.gamma2, budget=tf.budget, chunk_size=tf.chunk_size,
-                                sinks=tf.sinks, window=tf.window), repeat=dict(passage=S["passage"], cue=S["cue"]), contexts={})
+                                sinks=tf.sinks, window=tf.window), repeat=dict(passage=S["passage"], cue=S["cue"]), contexts={},
+                  command=" ".join(["python3", *sys.argv]), commit=os.environ.get("TINYLAB_COMMIT"))
     for ctx in S["contexts"]:
         text = held_out_prompt(tokens, n_val, ctx, 0, 1, built["bos"])
         tail = S["passage"] - S["cue"]

@@ -66,7 +66,7 @@ def test_carried_state_equals_one_pass(backend):
 
 
 def _f64_args(batch, T, D, N, seed=0):
-    kw = ss.random_inputs(batch, T, D, N, dtype=torch.float64, with_h0=True, seed=seed)
+    kw = ss.random_inputs(batch, T, D, N, dtype=torch.float64, device=DEV, with_h0=True, seed=seed)
     return [v.requires_grad_() for v in kw.values()]
 
 
@@ -156,11 +156,12 @@ def test_triton_refuses_non_contiguous():
 
 
 def test_triton_needs_cuda_or_interpreter(monkeypatch):
-    if torch.cuda.is_available():
-        pytest.skip("on a GPU the kernel runs natively")
+    "CPU tensors without the interpreter: a clear error from the kernel's wrapper and from the autograd path alike."
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(ValueError, match="needs CUDA tensors"):
-        ss.selective_scan_triton(**KW)
+    cpu = {k: (v.cpu() if v is not None else None) for k, v in KW.items()}
+    for call in (lambda: ss.selective_scan_triton(**cpu), lambda: ss.selective_scan(**cpu, backend="triton")):
+        with pytest.raises(ValueError, match="needs CUDA tensors"):
+            call()
 
 
 @pytest.mark.parametrize("kwargs,match", [(dict(backend="cuda"), "backend"), (dict(chunk=0), "chunk"),
@@ -317,7 +318,7 @@ def test_split_forward_equals_one_walk(poison_empty, batch, T, D, N, segments, n
     T *= ss._FWD_SEG_STEP // 8                 # the same segments on a GPU, whose forward segments are 64 steps
     assert _nseg(T, segments, ss._FWD_SEG_STEP) == nseg
     kw = ss.random_inputs(batch, T, D, N, dtype=dtype, device=DEV, with_D=with_D, with_h0=with_h0, seed=T + segments)
-    one = ss._scan_fwd(*kw.values(), save=save)
+    one = ss._scan_fwd(*kw.values(), save=save, segments=1)
     split = ss._scan_fwd(*kw.values(), save=save, segments=segments)
     for name, r, t in zip(("y", "h_T", "kept states"), one, split):
         if r is not None:
@@ -328,7 +329,7 @@ def test_split_forward_equals_one_walk(poison_empty, batch, T, D, N, segments, n
 def test_split_forward_fixed_blocks_and_public_api(poison_empty):
     "Fixed blocks: segments are a multiple of block_t; the public forward takes `segments` too."
     kw = ss.random_inputs(2, 29, 6, 3, device=DEV, with_h0=True, seed=8)
-    ref_y, ref_h = ss.selective_scan_triton(**kw, block_t=4, block_d=4)
+    ref_y, ref_h = ss.selective_scan_triton(**kw, block_t=4, block_d=4, segments=1)
     for segments in (2, 4, 100):
         y, h = ss.selective_scan_triton(**kw, block_t=4, block_d=4, segments=segments)
         assert_close("y", ref_y, y, 1e-5)
@@ -351,7 +352,7 @@ def test_split_backward_equals_unsplit(poison_empty, batch, T, D, N, segments, w
     _, _, states = ss._scan_fwd(*kw.values(), save=True)
     gy = torch.randn(batch, T, D, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEV)
     ghT = torch.randn(batch, D, N, generator=torch.Generator().manual_seed(2)).to(DEV) if with_ghT else None
-    one = ss.selective_scan_triton_bwd(*kw.values(), gy, ghT, states)
+    one = ss.selective_scan_triton_bwd(*kw.values(), gy, ghT, states, segments=1)
     split = ss.selective_scan_triton_bwd(*kw.values(), gy, ghT, states, segments=segments)
     for name, r, t in zip("du ddelta dA dB dC dD dh0".split(), one, split):
         assert (r is None) == (t is None), name
@@ -398,12 +399,14 @@ def test_segments_policy(monkeypatch, pass_, per_sm, bsz, n_units, T, want):
 
 
 def test_segments_policy_off_is_one_split(monkeypatch):
-    "A policy of 0 never splits, and on a CPU the SM count is 1; a bad pass name is refused."
+    "A policy of 0 never splits, nor any policy on a CPU (no SMs); a bad pass name is refused."
     monkeypatch.setattr(ss, "SPLIT_PROGRAMS_PER_SM", dict(fwd=0, bwd=0))
     assert ss._segments("fwd", 1, 64, 4, 10**5, torch.device(DEV)) == 1
     assert ss._segments("bwd", 1, 64, 4, 10**5, torch.device(DEV)) == 1
     if DEV == "cpu":
-        assert ss._sm_count(torch.device("cpu")) == 1
+        assert ss._sm_count(torch.device("cpu")) == 0      # the interpreter never splits by policy
+        monkeypatch.setattr(ss, "SPLIT_PROGRAMS_PER_SM", dict(fwd=64, bwd=64))
+        assert ss._segments("bwd", 1, 64, 4, 10**5, torch.device(DEV)) == 1
     with pytest.raises(ValueError, match="pass_ must be one of"):
         ss._segments("both", 1, 64, 4, 100, torch.device(DEV))
 

@@ -166,7 +166,8 @@ class StaticSelection:
     """What a fixed-shape decoding step reads (for CUDA graphs, which replay one shape at every step): the first
     `length` [B] tokens (int32, on the device) of a cache buffer are valid, the step's queries being the last of them;
     the step reads the chunks `chunks` names ([B, Hkv, M] int32, -1 pads; one tensor for every layer, or a list per
-    layer), or with `sdpa=True` every valid token through PyTorch's SDPA (the plain baseline's other attention)."""
+    layer; None: every chunk, with no ids to read), or with `sdpa=True` every valid token through PyTorch's SDPA (the
+    plain baseline's other attention)."""
     chunks: torch.Tensor | list | None
     length: torch.Tensor
     chunk_size: int = 8
@@ -200,9 +201,8 @@ def triforce_attention(module, query, key, value, attention_mask, scaling=None, 
         out = sparse_decode_attention(query, key, value, kv_select.for_layer(module.layer_idx), kv_select.chunk_size,
                                       scale=scaling, check_distinct=False, length=kv_select.length)
         return out.transpose(1, 2), None
-    if kv_select is None:
-        C = 8
-        chunks = torch.arange(-(-N // C), device=key.device, dtype=torch.int32).expand(B, Hkv, -1)
+    if kv_select is None:                                                          # every chunk, in order: no ids
+        C, chunks = 8, None
     else:
         C, chunks = kv_select.chunk_size, kv_select.for_layer(module.layer_idx, N)
     out = sparse_decode_attention(query, key, value, chunks, C, scale=scaling, check_distinct=False)  # distinct by construction
@@ -561,7 +561,6 @@ class GraphLevels(Levels):
         self.stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
         self.graphs, self.records, self.setup_seconds = {}, {}, 0.0
         n_chunks = -(-full_cache.capacity // C)
-        self.all_chunks = torch.arange(n_chunks, dtype=torch.int32, device=dev).expand(1, hkv, -1)
         self.n_keep = min(max(cfg.budget // C, 1), max(full_cache.capacity // C, 1))
         # tokens past the boundary, at most: < C at a rebuild, + gamma2 + 1 per round until the next one, + a round's
         # level-2 tokens in flight (gamma2 + gamma1 + 2); and never more than the buffer holds past the prefill
@@ -606,7 +605,7 @@ class GraphLevels(Levels):
         c = self.cfg
         self.record_t = len(tokens)                   # the rebuild reads this pass's recorded queries
         self.record = self.records.setdefault(self.record_t, {})
-        select = lambda start, t, length: StaticSelection(None if self.sdpa else self.all_chunks, length, c.chunk_size,
+        select = lambda start, t, length: StaticSelection(None, length, c.chunk_size,   # None: every chunk, no ids
                                                           sdpa=self.sdpa)
         return self._step("full", self.target, self.full_cache, tokens, select, self.record)
 

@@ -138,14 +138,18 @@ def _launch(kernel, tuned, grid, args, flags, block_t, block_d, num_warps):
     else:
         tuned[lambda meta: grid(meta["BLOCK_D"])](*args, **flags)
 
+def _check_triton_device(u):
+    "The Triton scan runs on CUDA tensors, or on any under Triton's interpreter (TRITON_INTERPRET=1)."
+    if not (u.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        raise ValueError(f"u is on {u.device}: the Triton scan needs CUDA tensors (or TRITON_INTERPRET=1 on a CPU)")
+
 def _check_triton(u, delta, A, B, C, D, h0, block_t=None, block_d=None):
     "What the Triton kernels need beyond `_check_inputs`: contiguous tensors on CUDA (or the interpreter), valid blocks."
     dims = _check_inputs(u, delta, A, B, C, D, h0)
     for name, x in dict(u=u, delta=delta, A=A, B=B, C=C, D=D, h0=h0).items():
         if x is not None and not x.is_contiguous():
             raise ValueError(f"{name} must be contiguous for the Triton scan (call .contiguous() first)")
-    if not (u.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        raise ValueError(f"u is on {u.device}: the Triton scan needs CUDA tensors (or TRITON_INTERPRET=1 on a CPU)")
+    _check_triton_device(u)
     if (block_t is None) != (block_d is None):
         raise ValueError("block_t and block_d: give both or neither")
     for name, block in (("block_t", block_t), ("block_d", block_d)):
@@ -154,22 +158,23 @@ def _check_triton(u, delta, A, B, C, D, h0, block_t=None, block_d=None):
             raise ValueError(f"{name} must be a power of two from 1 to 1024 (Triton's blocks), got {block!r}")
     return dims
 
-# the split-in-time policy: segments enough for about this many programs per SM (0: no split), per pass;
-# the values come from a GPU sweep
-SPLIT_PROGRAMS_PER_SM = dict(fwd=0, bwd=0)
+# the split-in-time policy: segments enough for about this many programs per SM (0: no split), per pass. From the
+# H200 sweep (benchmarks/scan_split_sweep.py, 2026-11-30): the values no slower than no split at batch 4 and fastest
+# at batch 1 (at batch 4, D 1536 they ask for no split; more segments there cost more than they gain)
+SPLIT_PROGRAMS_PER_SM = dict(fwd=4, bwd=8)
 MAX_SEGMENTS = 64          # each program first folds the maps of the segments before it: O(segments) loads
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(device) -> int:
-    "The streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter; tests patch this)."
+    "The streaming multiprocessors of a CUDA device; 0 elsewhere, so the interpreter never splits by policy (tests patch this)."
     device = torch.device(device)
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
 
 def _segments(pass_: str, bsz: int, dm: int, n_units: int, T: int, device) -> int:
     """How many segments to split the time axis of `pass_` ("fwd" or "bwd") into: enough that bsz * n_units
     programs (n_units: channel blocks of the dm channels) times the segments make about SPLIT_PROGRAMS_PER_SM[pass_]
     programs per SM, at least 1, at most MAX_SEGMENTS, and none shorter than 64 steps (forward) or BWD_BLOCK_T steps
-    (backward). 1 while the policy is 0 (the default, on any device)."""
+    (backward). 1 while the policy is 0."""
     if pass_ not in SPLIT_PROGRAMS_PER_SM:
         raise ValueError(f"pass_ must be one of {tuple(SPLIT_PROGRAMS_PER_SM)}, got {pass_!r}")
     per_sm = SPLIT_PROGRAMS_PER_SM[pass_]
@@ -421,6 +426,7 @@ def selective_scan(u, delta, A, B, C, D=None, h0=None, *, backend: str = "auto",
         if backend == "ref":
             return selective_scan_ref(u, delta, A, B, C, D, h0)
     if backend == "triton":  # projections and transposes give strided views; the kernel wants rows
+        _check_triton_device(u)
         u, delta, A, B, C = (x.contiguous() for x in (u, delta, A, B, C))
         D, h0 = (None if x is None else x.contiguous() for x in (D, h0))
     return SelectiveScanFn.apply(u, delta, A, B, C, D, h0, backend, chunk)
