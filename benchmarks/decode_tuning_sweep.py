@@ -12,7 +12,6 @@ import os
 
 import torch
 import triton
-from torch.nn.attention.bias import causal_lower_right
 
 from tinylab.core import cuda_graph_ms
 import tinylab.kernels.sparse_decode_attention as sda

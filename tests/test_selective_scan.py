@@ -1,13 +1,14 @@
 """The selective scan (tinylab.kernels.selective_scan): Triton kernel and chunked scan vs the sequential reference,
 gradients of the autograd Function, and bad inputs. Triton runs in its interpreter on a CPU (~1 ms per scanned
 element), so the Triton shapes are small but never multiples of the blocks."""
-import os
+import json
 
 import pytest
 import torch
 
 import tinylab.kernels.selective_scan as ss
 from kernel_asserts import assert_close
+from script_runs import INTERPRET_ENV, ROOT, run_script
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float64: 1e-10}
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -283,13 +284,8 @@ def test_forward_keeps_states_only_when_a_gradient_is_needed(monkeypatch):
 
 def test_benchmark_smoke(tmp_path):
     "benchmarks/bench_ssm.py --smoke: every implementation gated, then timed, forward, backward and a training step."
-    import json
-    import subprocess
-    import sys
     out = tmp_path / "ssm.json"
-    proc = subprocess.run([sys.executable, "benchmarks/bench_ssm.py", "--smoke", "--out", str(out)], capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": ".", "TRITON_INTERPRET": "1"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_script(ROOT / "benchmarks/bench_ssm.py", "--smoke", "--out", out, env=INTERPRET_ENV, timeout=600)
     rec = json.loads(out.read_text())
     assert not rec["errors"] and all(c["ok"] for c in rec["checks"]), (rec["errors"], rec["checks"])
     got = {(r["impl"], r["dir"], r["dtype"]) for r in rec["rows"] if r["part"] == "anchor"}
@@ -424,13 +420,8 @@ def test_bad_segments(segments):
 
 def test_split_sweep_smoke(tmp_path):
     "benchmarks/scan_split_sweep.py --smoke: every policy value checked against no split, then timed; a best value per pass."
-    import json
-    import subprocess
-    import sys
     out = tmp_path / "sweep.json"
-    proc = subprocess.run([sys.executable, "benchmarks/scan_split_sweep.py", "--smoke", "--out", str(out)], capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": ".", "TRITON_INTERPRET": "1"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_script(ROOT / "benchmarks/scan_split_sweep.py", "--smoke", "--out", out, env=INTERPRET_ENV, timeout=600)
     rec = json.loads(out.read_text())
     assert all(r["ok"] for r in rec["rows"]) and set(rec["best"]) == {"fwd", "bwd"}
     assert any(r["segments"] > 1 for r in rec["rows"] if r["pass_"] == "bwd")   # the sweep did split
