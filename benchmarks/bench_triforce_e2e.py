@@ -50,10 +50,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from tinylab.core import benchmark
 from tinylab.triforce import (FlatKVCache, GraphLevels, TriForceConfig, _forward, _prefill, _triforce_attention,
-                              autoregressive_generate, retrieval_selection, triforce_generate)
+                              autoregressive_generate, compile_layers, retrieval_selection, triforce_generate)
 
 # the training and prompt options of issue #21's diagnosis, all off by default (`run` trains the recorded target)
-OPTIONS_OFF = dict(sink=False, needle=False, log_skips=False, copy_batch=0, copy_warmup=0, warmup_lr=None, only=None)
+OPTIONS_OFF = dict(sink=False, needle=False, log_skips=False, copy_batch=0, copy_warmup=0, warmup_lr=None, only=None,
+                   compile=False)
 
 SIZES = {  # target, draft, training and decoding settings; "smoke" checks the script anywhere in a minute
     # the target: 4 wide layers, so that a step's cost is its weights and KV reads rather than its kernel count
@@ -276,7 +277,19 @@ def attention_at_end(target, ids: list[int], tf: TriForceConfig) -> dict:
 
 
 @torch.no_grad()
-def level_costs(target, draft, ids: list[int], tf: TriForceConfig, dev) -> dict:
+def level_costs(target, draft, ids: list[int], tf: TriForceConfig, dev, compiled: bool = False) -> dict:
+    """`step_costs` of the models as they decode; with `compiled` layers (`compile_layers`) also with eager layers,
+    under the keys `wall_ms_eager_layers` and `gpu_ms_eager_layers`."""
+    costs = step_costs(target, draft, ids, tf, dev)
+    if compiled:
+        compile_layers(target, draft, enable=False)
+        costs.update({f"{k}_eager_layers": v for k, v in step_costs(target, draft, ids, tf, dev).items()})
+        compile_layers(target, draft)
+    return costs
+
+
+@torch.no_grad()
+def step_costs(target, draft, ids: list[int], tf: TriForceConfig, dev) -> dict:
     """Milliseconds of each level's step (keyed as `level_passes` says) as the decoding loop calls it, a CUDA graph
     replayed over static caches: wall clock per call (median, `tinylab.core.benchmark`, input copy included) and,
     on a GPU, the graph's own GPU time (`triton.testing.do_bench` of its replay)."""
@@ -420,14 +433,18 @@ def run(data: Path, out: Path | None, size: str, seed: int = 0, **overrides):
     # code does (its graph cache is initialised after the prefill and only updated with new tokens)
     tf = TriForceConfig(budget=S["budget"], sinks=S["sinks"], window=S["draft_window"], refresh_every=S["refresh_every"])
     t0 = time.perf_counter()
-    autoregressive_generate(target, tokens[:300], 40); triforce_generate(target, draft, tokens[:300], 40, tf)  # compile the kernels
+    if S["compile"]:
+        compile_layers(target, draft)
+    for cuda_graphs in (False, True):                      # compile the kernels (and with --compile, the layers)
+        autoregressive_generate(target, tokens[:300], 40, cuda_graphs=cuda_graphs)
+        triforce_generate(target, draft, tokens[:300], 40, tf, cuda_graphs=cuda_graphs)
     print(f"warm-up {time.perf_counter() - t0:.1f} s", flush=True)
     result = dict(**built["record"], date=datetime.now(timezone.utc).strftime("%Y-%m-%d"), size=size, step="run",
                   triforce=dict(gamma1=tf.gamma1, gamma2=tf.gamma2, budget=tf.budget, chunk_size=tf.chunk_size,
                                 sinks=tf.sinks, window=tf.window, refresh_every=tf.refresh_every),
                   max_new_tokens=S["new_tokens"],
                   methods=METHODS, passes=level_passes(tf), repeat=dict(passage=S["passage"], cue=S["cue"], needle=S["needle"]),
-                  rows=[], levels={}, only=S["only"], command=" ".join(["python3", *sys.argv]),
+                  rows=[], levels={}, only=S["only"], compiled_layers=S["compile"], command=" ".join(["python3", *sys.argv]),
                   commit=os.environ.get("TINYLAB_COMMIT"))
     rows = result["rows"]
     needle = target.config.vocab_size if S["needle"] else None
@@ -479,7 +496,7 @@ def run(data: Path, out: Path | None, size: str, seed: int = 0, **overrides):
         if out is not None:                                # the rows first: a failure in the diagnostics keeps them
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(result, indent=1))
-        result["levels"][str(ctx)] = {**level_costs(target, draft, text.tolist(), tf, dev),
+        result["levels"][str(ctx)] = {**level_costs(target, draft, text.tolist(), tf, dev, S["compile"]),
                                       "attention_share": attention_at_end(target, text.tolist(), tf),
                                       "attention_share_far_repeat": attention_at_end(target, repeat.tolist(), tf),
                                       "loss": context_loss(target, text.tolist()),
@@ -590,6 +607,8 @@ if __name__ == "__main__":
     ap.add_argument("--only", type=int, nargs="+", help="run: decode only these of the contexts (the training and prompts "
                     "stay those of the whole list), for one process per GPU; `merge` joins their records")
     ap.add_argument("--parts", type=Path, nargs="+", help="merge: the records of one run split with --only")
+    ap.add_argument("--compile", action="store_const", const=True, help="run: decode with compiled layers (`compile_layers`); "
+                    "each step's cost is also timed with eager layers")
     args = ap.parse_args()
     if args.step == "prepare":
         prepare(args.data)
@@ -602,4 +621,5 @@ if __name__ == "__main__":
                                                   d=args.d_model, heads=args.heads, window=args.window, batch=args.batch,
                                                   sink=args.sink, lr=args.lr,
                                                   log_skips=args.log_skips, copy_batch=args.copy_batch, needle=args.needle,
-                                                  copy_warmup=args.copy_warmup, warmup_lr=args.warmup_lr, only=args.only)
+                                                  copy_warmup=args.copy_warmup, warmup_lr=args.warmup_lr, only=args.only,
+                                                  compile=args.compile)

@@ -44,6 +44,18 @@ def test_triforce_e2e_smoke(tmp_path):
         assert set(level["wall_ms"]) == set(result["passes"])
 
 
+def test_triforce_e2e_compile_smoke(tmp_path):
+    "`run --compile`: decoding with compiled layers, each step also timed with the eager layers; greedy is still lossless."
+    out = tmp_path / "compiled.json"
+    run_script(BENCH / "bench_triforce_e2e.py", "run", "--smoke", "--data", made_up_stream(tmp_path), "--only", 256,
+               "--compile", "--out", out, timeout=900)
+    result = json.loads(out.read_text())
+    assert result["compiled_layers"] is True
+    assert all(row.get("same_as_plain", True) for row in result["rows"])
+    level = result["levels"]["256"]
+    assert set(level["wall_ms"]) == set(level["wall_ms_eager_layers"]) == set(result["passes"])
+
+
 def test_triforce_e2e_diagnose_smoke(tmp_path):
     """The diagnose step (issue #21): losses with the whole context and the last 1K, attention shares, a far repeat
     and a needle; trained here with every option (a BOS sink, log-uniform skips, a copy batch after a copy warm-up)."""

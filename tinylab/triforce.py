@@ -19,7 +19,7 @@ from .kernels.sparse_decode_attention import sparse_decode_attention
 __all__ = ['to_probs', 'speculative_accept', 'FlatKVCache', 'ChunkSelection', 'streaming_selection', 'chunk_scores',
            'retrieval_selection', 'StaticSelection', 'triforce_attention', 'TriForceConfig', 'DecodeStats',
            'unsupported_attention', 'Levels', 'autoregressive_generate', 'triforce_generate', 'streaming_chunks',
-           'GraphLevels', 'lossless_outcome', 'distribution_outcome']
+           'GraphLevels', 'compile_layers', 'lossless_outcome', 'distribution_outcome']
 
 # %% ../nbs/21_triforce.ipynb #cell-010
 def to_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -76,6 +76,7 @@ class FlatKVCache(Cache):
         self.capacity = capacity
         self.write_at = None      # positions [t] on the device: a fixed-shape step (see `GraphLevels`) writes there
 
+    @torch.compiler.disable   # Python bookkeeping (lengths, capacity): stays eager under `compile_layers`
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if self.write_at is not None:   # a fixed-shape step: write where the device says, return the whole buffers
             self.k[layer_idx].index_copy_(2, self.write_at, key_states)
@@ -187,6 +188,7 @@ def _sdpa_to_length(query, key, value, length, scaling):
     return out.transpose(1, 2)
 
 
+@torch.compiler.disable       # our kernel and its selection stay eager under `compile_layers`
 def triforce_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                        kv_select: ChunkSelection | None = None, kv_record: dict | None = None, **kwargs):
     """Attention for `transformers` models, registered as "triforce". query [B, H, NQ, D] are the NQ newest
@@ -642,6 +644,24 @@ class GraphLevels(Levels):
                 self._write_middle(layer, chunks, sel.boundary // c.chunk_size)
             return
         self._run(("rebuild", self.record_t), lambda: self._rebuild_pass(self.record), 2, [i, n], self.full_cache.k[0].device)
+
+# %% ../nbs/21_triforce.ipynb #fused-layers
+def compile_layers(*models: PreTrainedModel, enable: bool = True):
+    """Compile every decoder layer of `models` with `torch.compile` (its norms, rotary embedding, gate and residual
+    adds fused into a few kernels), or with `enable=False` restore the eager layers. The cache write and the attention
+    stay eager (both are `torch.compiler.disable`)."""
+    if enable:   # one compiled graph per layer index, token count and attention kind: more than the default limit of 8
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    for model in models:
+        layers = getattr(getattr(model, "model", None), "layers", None)
+        if layers is None:
+            raise ValueError(f"{type(model).__name__} has no decoder layers at .model.layers to compile")
+        for layer in layers:
+            if enable:
+                layer.compile()
+            else:
+                layer._compiled_call_impl = None
+
 
 # %% ../nbs/21_triforce.ipynb #cell-059c
 def lossless_outcome(n_identical: int, n_runs: int) -> str:
