@@ -56,6 +56,15 @@ def test_triforce_e2e_compile_smoke(tmp_path):
     assert set(level["wall_ms"]) == set(level["wall_ms_eager_layers"]) == set(result["passes"])
 
 
+def test_profile_triforce_steps_kinds():
+    "The step profile (a GPU-only script) imports, and sorts kernel names into the kinds the chapter's table shows."
+    prof = load_script(BENCH / "profile_triforce_steps.py")
+    assert prof.kind_of("nvjet_sm90_tst_64x8_64x16_4x1_v_bz_TNT") == "matrix products"
+    assert prof.kind_of("sparse_decode_attention_kernel") == prof.kind_of("combine_splits_kernel") == "attention (ours)"
+    assert prof.kind_of("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "compiled layers (fused)"
+    assert prof.kind_of("void at::native::index_elementwise_kernel<128, 4>") == "other"
+
+
 def test_triforce_e2e_diagnose_smoke(tmp_path):
     """The diagnose step (issue #21): losses with the whole context and the last 1K, attention shares, a far repeat
     and a needle; trained here with every option (a BOS sink, log-uniform skips, a copy batch after a copy warm-up)."""
