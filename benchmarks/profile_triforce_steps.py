@@ -8,8 +8,9 @@ At each context:
     kernels, our attention kernel, other PyTorch kernels);
   - the decoding loop's layers of cost, per step of plain decoding (`full1`) and of the draft (`draft`):
     the graph's GPU time (replays back to back), a replay followed by a synchronisation (what a loop that reads the
-    next token must wait for), and the step as `autoregressive_generate` runs it (input copy, replay, the next-token
-    distribution copied to the CPU, sampling), against the per-token decode time of `autoregressive_generate` itself.
+    next token must wait for), the step as `autoregressive_generate` runs it (input copy, replay, the next-token
+    distribution copied to the CPU, sampling), the same step taking the greedy token on the GPU (only its id is
+    copied), against the per-token decode time of `autoregressive_generate` itself.
 Usage: PYTHONPATH=. python3 benchmarks/profile_triforce_steps.py --out book/results/triforce_profile_h200.json
 (`--smoke`: tiny sizes on any device, to check the script runs)."""
 from __future__ import annotations
@@ -82,8 +83,10 @@ def profile_context(target, draft, ids: list[int], tf: TriForceConfig, new_token
             out[name] = {"kernels": kernels(eager, 5)}
             replay_sync = lambda: (g.graph.replay(), torch.cuda.synchronize())
             loop_step = lambda: (int(torch.multinomial(to_probs(step()[-1], 0.0).cpu(), 1)), undo())
+            argmax_step = lambda: (int(step()[-1].argmax()), undo())   # greedy, only the token id leaves the GPU
             out[name]["gpu_ms"] = do_bench(g.graph.replay, warmup=3, rep=40, return_mode="median")
-            out[name]["wall_ms"] = benchmark({"replay + sync": replay_sync, "loop step": loop_step}, warmup=3, repeats=30,
+            out[name]["wall_ms"] = benchmark({"replay + sync": replay_sync, "loop step": loop_step,
+                                              "loop step, argmax on the GPU": argmax_step}, warmup=3, repeats=30,
                                              device=dev)["ms"].to_dict()
     prompt = torch.tensor(ids)
     _, st = autoregressive_generate(target, prompt, new_tokens, cuda_graphs=True)

@@ -65,6 +65,13 @@ def test_profile_triforce_steps_kinds():
     assert prof.kind_of("void at::native::index_elementwise_kernel<128, 4>") == "other"
 
 
+def test_decode_tuning_sweep_grid():
+    "The launch-settings sweep (a GPU-only script) imports, and sweeps only settings the kernel's `TUNING` has."
+    sweep = load_script(BENCH / "decode_tuning_sweep.py")
+    from tinylab.kernels.sparse_decode_attention import TUNING
+    assert set(sweep.GRID) <= set(TUNING) and all(len(v) > 1 for v in sweep.GRID.values())
+
+
 def test_triforce_e2e_diagnose_smoke(tmp_path):
     """The diagnose step (issue #21): losses with the whole context and the last 1K, attention shares, a far repeat
     and a needle; trained here with every option (a BOS sink, log-uniform skips, a copy batch after a copy warm-up)."""
