@@ -72,6 +72,12 @@ def test_decode_tuning_sweep_grid():
     assert set(sweep.GRID) <= set(TUNING) and all(len(v) > 1 for v in sweep.GRID.values())
 
 
+def test_scan_fwd_sequential_variant_interpreted():
+    "The development variant of the scan forward (page 10a's negative result) matches the definition, in the interpreter."
+    out = run_script(BENCH / "scan_fwd_sequential_variant.py", env=INTERPRET, timeout=600)
+    assert "float32" in out and "bfloat16" in out
+
+
 def test_triforce_e2e_diagnose_smoke(tmp_path):
     """The diagnose step (issue #21): losses with the whole context and the last 1K, attention shares, a far repeat
     and a needle; trained here with every option (a BOS sink, log-uniform skips, a copy batch after a copy warm-up)."""
