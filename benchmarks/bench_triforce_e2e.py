@@ -39,6 +39,7 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -288,11 +289,11 @@ def level_costs(target, draft, ids: list[int], tf: TriForceConfig, dev, compiled
     return costs
 
 
-@torch.no_grad()
-def step_costs(target, draft, ids: list[int], tf: TriForceConfig, dev) -> dict:
-    """Milliseconds of each level's step (keyed as `level_passes` says) as the decoding loop calls it, a CUDA graph
-    replayed over static caches: wall clock per call (median, `tinylab.core.benchmark`, input copy included) and,
-    on a GPU, the graph's own GPU time (`triton.testing.do_bench` of its replay)."""
+@contextmanager
+def prefilled_steps(target, draft, ids: list[int], tf: TriForceConfig):
+    """Each level's fixed-shape step after a prefill of `ids`, as the decoding loop calls it: yields (levels, steps),
+    `steps` mapping the `level_passes` keys but the rebuild to (step, undo, graph): the call, what rolls its cache back
+    after it, and the captured CUDA graph it replays once it has run (`levels.graphs`, or the SDPA levels')."""
     full, dcache = FlatKVCache(target, len(ids) + 16), FlatKVCache(draft, len(ids) + 16)
     record = {}
     _prefill(target, ids, full, record); _forward(draft, ids[:-1], dcache)
@@ -300,18 +301,29 @@ def step_costs(target, draft, ids: list[int], tf: TriForceConfig, dev) -> dict:
     with GraphLevels(target, draft, full, dcache, tf) as levels, GraphLevels(target, draft, full, dcache, tf, sdpa=True) as sdpa, \
             _triforce_attention(target, draft):
         levels.rebuild(-1, record)
-        fns = {"draft": lambda: (levels.draft([1]), dcache.crop(nd)),
-               "middle": lambda: (levels.middle([1] * (tf.gamma1 + 1)), full.crop(n)),
-               "full1": lambda: (levels.full([1]), full.crop(n)),
-               "full1_sdpa": lambda: (sdpa.full([1]), full.crop(n)),
-               "check": lambda: (levels.full([1] * (tf.gamma2 + 1)), full.crop(n)),
-               "rebuild": lambda: levels.rebuild(0)}          # from the check's queries (the last full pass)
+        crop_full, crop_draft = (lambda: full.crop(n)), (lambda: dcache.crop(nd))
+        graph = lambda lv, key: lambda: lv.graphs[key]
+        yield levels, {
+            "draft": (lambda: levels.draft([1]), crop_draft, graph(levels, ("draft", 1))),
+            "middle": (lambda: levels.middle([1] * (tf.gamma1 + 1)), crop_full, graph(levels, ("middle", tf.gamma1 + 1))),
+            "full1": (lambda: levels.full([1]), crop_full, graph(levels, ("full", 1))),
+            "full1_sdpa": (lambda: sdpa.full([1]), crop_full, graph(sdpa, ("full", 1))),
+            "check": (lambda: levels.full([1] * (tf.gamma2 + 1)), crop_full, graph(levels, ("full", tf.gamma2 + 1)))}
+
+
+@torch.no_grad()
+def step_costs(target, draft, ids: list[int], tf: TriForceConfig, dev) -> dict:
+    """Milliseconds of each level's step (keyed as `level_passes` says) as the decoding loop calls it, a CUDA graph
+    replayed over static caches: wall clock per call (median, `tinylab.core.benchmark`, input copy included) and,
+    on a GPU, the graph's own GPU time (`triton.testing.do_bench` of its replay)."""
+    with prefilled_steps(target, draft, ids, tf) as (levels, steps):
+        fns = {name: (lambda step=step, undo=undo: (step(), undo())) for name, (step, undo, _) in steps.items()}
+        fns["rebuild"] = lambda: levels.rebuild(0)          # from the check's queries (the last full pass)
         costs = {"wall_ms": benchmark(fns, warmup=2, repeats=20, device=dev)["ms"].to_dict()}
         if dev.type == "cuda":
             from triton.testing import do_bench
-            graphs = {"draft": levels.graphs[("draft", 1)], "middle": levels.graphs[("middle", tf.gamma1 + 1)],
-                      "full1": levels.graphs[("full", 1)], "full1_sdpa": sdpa.graphs[("full", 1)],
-                      "check": levels.graphs[("full", tf.gamma2 + 1)], "rebuild": levels.graphs[("rebuild", tf.gamma2 + 1)]}
+            graphs = {name: graph() for name, (_, _, graph) in steps.items()}
+            graphs["rebuild"] = levels.graphs[("rebuild", tf.gamma2 + 1)]
             costs["gpu_ms"] = {k: do_bench(g.graph.replay, warmup=3, rep=40, return_mode="median") for k, g in graphs.items()}
     return costs
 

@@ -30,10 +30,9 @@ from transformers import LlamaForCausalLM
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_triforce_e2e import SIZES, level_passes, llama                            # noqa: E402
+from bench_triforce_e2e import SIZES, level_passes, llama, prefilled_steps          # noqa: E402
 from tinylab.core import benchmark                                                   # noqa: E402
-from tinylab.triforce import (FlatKVCache, GraphLevels, TriForceConfig, _forward, _prefill, _triforce_attention,  # noqa: E402
-                              autoregressive_generate, compile_layers, to_probs)
+from tinylab.triforce import TriForceConfig, autoregressive_generate, compile_layers, to_probs  # noqa: E402
 
 KINDS = {  # kernel kind -> substrings of the kernel names that mark it (the first match wins; else "other")
     "attention (ours)": ("sparse_decode", "combine_splits"),
@@ -65,20 +64,12 @@ def kernels(fn, repeats: int) -> dict:
 
 @torch.no_grad()
 def profile_context(target, draft, ids: list[int], tf: TriForceConfig, new_tokens: int, dev) -> dict:
-    full, dcache = FlatKVCache(target, len(ids) + 16), FlatKVCache(draft, len(ids) + 16)
-    record = {}
-    _prefill(target, ids, full, record); _forward(draft, ids[:-1], dcache)
-    n, nd = full.get_seq_length(), dcache.get_seq_length()
     out = {}
-    with GraphLevels(target, draft, full, dcache, tf) as levels, _triforce_attention(target, draft):
-        levels.rebuild(-1, record)
-        steps = {"draft": (lambda: levels.draft([1]), lambda: dcache.crop(nd), ("draft", 1)),
-                 "middle": (lambda: levels.middle([1] * (tf.gamma1 + 1)), lambda: full.crop(n), ("middle", tf.gamma1 + 1)),
-                 "full1": (lambda: levels.full([1]), lambda: full.crop(n), ("full", 1)),
-                 "check": (lambda: levels.full([1] * (tf.gamma2 + 1)), lambda: full.crop(n), ("full", tf.gamma2 + 1))}
-        for name, (step, undo, key) in steps.items():
+    with prefilled_steps(target, draft, ids, tf) as (_, steps):
+        for name in ("draft", "middle", "full1", "check"):
+            step, undo, graph = steps[name]
             step(); undo()                                           # captures the graph
-            g = levels.graphs[key]
+            g = graph()
             eager = lambda: (g.fn(g.inputs), undo())                 # the captured function, run eagerly
             out[name] = {"kernels": kernels(eager, 5)}
             replay_sync = lambda: (g.graph.replay(), torch.cuda.synchronize())

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from bench_ssm import rel_err   # the scan benchmark's error measure (this script's folder is on the path)
 from tinylab.kernels import selective_scan as ss
 
 GRID = dict(block_d=(8, 16, 32), warps=(1, 2, 4), unroll=(8, 16))
@@ -64,10 +65,6 @@ def scan_fwd_sequential(u, delta, A, B, C, D=None, block_d=16, warps=2, unroll=8
         u, delta, A, B, C, D if D is not None else A, y, hT, T, dm, n, HAS_D=D is not None, BLOCK_D=block_d,
         BLOCK_N=triton.next_power_of_2(n), UNROLL=unroll, num_warps=warps)
     return y, hT
-
-
-def rel_err(a, b) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
 
 
 def check_interpreted():
