@@ -470,7 +470,7 @@ def run(data: Path, out: Path | None, size: str, seed: int = 0, **overrides):
             del prompts["held-out text"]
         for kind, ids in prompts.items():
             for T in S["temperatures"]:
-                gen = lambda: torch.Generator().manual_seed(seed)   # the same random numbers for every method
+                gen = lambda: torch.Generator(dev).manual_seed(seed)   # the same random numbers for every method
                 n = S["new_tokens"]
                 runs = {"plain": lambda: autoregressive_generate(target, ids, n, T, gen(), cuda_graphs=True),
                         "triforce": lambda: triforce_generate(target, draft, ids, n, TriForceConfig(**{**tf.__dict__, "temperature": T}),

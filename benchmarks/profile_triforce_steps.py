@@ -6,11 +6,12 @@ At each context:
   - kernels: each level's step (`bench_triforce_e2e.level_passes`) run eagerly under `torch.profiler`, the same
     kernels its CUDA graph replays; their GPU time and count by kind (matrix products, the compiled layers' fused
     kernels, our attention kernel, other PyTorch kernels);
-  - the decoding loop's layers of cost, per step of plain decoding (`full1`) and of the draft (`draft`):
-    the graph's GPU time (replays back to back), a replay followed by a synchronisation (what a loop that reads the
-    next token must wait for), the step as `autoregressive_generate` runs it (input copy, replay, the next-token
-    distribution copied to the CPU, sampling), the same step taking the greedy token on the GPU (only its id is
-    copied), against the per-token decode time of `autoregressive_generate` itself.
+  - the decoding loop's layers of cost, per step of each level: the graph's GPU time (replays back to back), a
+    replay followed by a synchronisation (what a loop that reads the next token must wait for), the step as the
+    decoders ran it before they drew tokens on the GPU (the next-token distribution copied to the CPU and sampled
+    there, then copied back as the next input), and as they run it now (greedy token drawn on the GPU and fed to the
+    next step there, steps queued back to back, one wait at the end of 8), against the per-token decode time of
+    `autoregressive_generate` itself.
 Usage: PYTHONPATH=. python3 benchmarks/profile_triforce_steps.py --out book/results/triforce_profile_h200.json
 (`--smoke`: tiny sizes on any device, to check the script runs)."""
 from __future__ import annotations
@@ -32,7 +33,7 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_triforce_e2e import SIZES, level_passes, llama, prefilled_steps          # noqa: E402
 from tinylab.core import benchmark                                                   # noqa: E402
-from tinylab.triforce import TriForceConfig, autoregressive_generate, compile_layers, to_probs  # noqa: E402
+from tinylab.triforce import TriForceConfig, autoregressive_generate, compile_layers, draw, to_probs  # noqa: E402
 
 KINDS = {  # kernel kind -> substrings of the kernel names that mark it (the first match wins; else "other")
     "attention (ours)": ("sparse_decode", "combine_splits"),
@@ -65,7 +66,9 @@ def kernels(fn, repeats: int) -> dict:
 @torch.no_grad()
 def profile_context(target, draft, ids: list[int], tf: TriForceConfig, new_tokens: int, dev) -> dict:
     out = {}
-    with prefilled_steps(target, draft, ids, tf) as (_, steps):
+    with prefilled_steps(target, draft, ids, tf) as (levels, steps):
+        n_tokens = {"draft": 1, "middle": tf.gamma1 + 1, "full1": 1, "check": tf.gamma2 + 1}
+        level = {"draft": levels.draft, "middle": levels.middle, "full1": levels.full, "check": levels.full}
         for name in ("draft", "middle", "full1", "check"):
             step, undo, graph = steps[name]
             step(); undo()                                           # captures the graph
@@ -73,12 +76,23 @@ def profile_context(target, draft, ids: list[int], tf: TriForceConfig, new_token
             eager = lambda: (g.fn(g.inputs), undo())                 # the captured function, run eagerly
             out[name] = {"kernels": kernels(eager, 5)}
             replay_sync = lambda: (g.graph.replay(), torch.cuda.synchronize())
-            loop_step = lambda: (int(torch.multinomial(to_probs(step()[-1], 0.0).cpu(), 1)), undo())
-            argmax_step = lambda: (int(step()[-1].argmax()), undo())   # greedy, only the token id leaves the GPU
+
+            def cpu_sampled(step=level[name], undo=undo, t=n_tokens[name]):
+                "the old loop: distribution to the CPU, sampled there, the token copied back as the next input"
+                x = int(torch.multinomial(to_probs(step([1] * t)[-1], 0.0).cpu(), 1)); undo()
+                return x
+
+            def drawn_on_gpu(step=level[name], undo=undo, t=n_tokens[name], n=8):
+                "the loop now: each token drawn on the GPU and fed to the next step there; one wait after n steps"
+                x = torch.ones(1, dtype=torch.long, device=dev)
+                for _ in range(n):
+                    x = draw(to_probs(step(x.expand(t))[-1], 0.0)).view(1); undo()
+                torch.cuda.synchronize()
             out[name]["gpu_ms"] = do_bench(g.graph.replay, warmup=3, rep=40, return_mode="median")
-            out[name]["wall_ms"] = benchmark({"replay + sync": replay_sync, "loop step": loop_step,
-                                              "loop step, argmax on the GPU": argmax_step}, warmup=3, repeats=30,
-                                             device=dev)["ms"].to_dict()
+            out[name]["wall_ms"] = benchmark({"replay + sync": replay_sync, "loop step, sampled on the CPU": cpu_sampled},
+                                             warmup=3, repeats=30, device=dev)["ms"].to_dict()
+            out[name]["wall_ms"]["loop step, drawn on the GPU"] = benchmark(
+                {"x": drawn_on_gpu}, warmup=2, repeats=10, device=dev)["ms"]["x"] / 8
     prompt = torch.tensor(ids)
     _, st = autoregressive_generate(target, prompt, new_tokens, cuda_graphs=True)
     out["full1"]["wall_ms"]["autoregressive_generate, per token"] = st.decode_seconds * 1e3 / st.new_tokens

@@ -7,7 +7,8 @@ from tinylab.core import FAILS, HOLDS, INCONCLUSIVE
 from tinylab.lm import build_model, tiny_config
 from tinylab.triforce import (ChunkSelection, DecodeStats, FlatKVCache, GraphLevels, TriForceConfig, autoregressive_generate,
                               chunk_scores, distribution_outcome, lossless_outcome, retrieval_selection,
-                              speculative_accept, streaming_chunks, streaming_selection, to_probs, triforce_generate)
+                              draw, speculative_accept, streaming_chunks, streaming_selection, to_probs, triforce_generate)
+from tinylab.triforce import _check_generator
 
 V = 48
 
@@ -57,6 +58,28 @@ def test_accept_greedy_cases():
     assert speculative_accept(torch.tensor([0, 2, 3]), torch.eye(5)[[0, 2, 3]], p) == (0, 1)
     assert speculative_accept(torch.tensor([1, 2, 3]), torch.eye(5)[[1, 2, 3]], p) == (3, 4)
     assert speculative_accept(torch.tensor([], dtype=torch.long), torch.zeros(0, 5), p[:1]) == (0, 1)
+
+
+def test_draw_follows_the_weights():
+    "Unnormalised weights: tokens of weight 0 never come out, the others as often as their share (chi-square)."
+    w = torch.tensor([0.0, 1.0, 3.0, 0.0, 4.0, 2.0])
+    g = torch.Generator().manual_seed(0)
+    x = draw(w.expand(8000, -1), g)
+    assert x.shape == (8000,) and x.dtype == torch.long
+    counts = torch.bincount(x, minlength=6).float()
+    assert counts[0] == 0 and counts[3] == 0
+    assert chi_square_pvalue(counts, w / w.sum(), k=4) > 1e-3
+    assert int(draw(torch.eye(6)[4], g)) == 4                        # one-hot (greedy): its token, whatever E is
+
+
+def test_tokens_are_drawn_on_the_models_device():
+    "A generator of another device is refused by name (tokens are drawn where the models are), as are mixed devices."
+    with pytest.raises(ValueError, match="generator is on cpu"):
+        _check_generator(torch.Generator(), torch.device("cuda"))
+    _check_generator(None, torch.device("cuda")); _check_generator(torch.Generator(), torch.device("cpu"))
+    p = torch.eye(5)[[1, 2]]
+    with pytest.raises(ValueError, match="one device"):
+        speculative_accept(torch.tensor([1], device="meta"), p[:1], p)
 
 
 def test_accept_bad_shapes():
@@ -274,6 +297,23 @@ def test_cuda_graphs_give_the_eager_output(models):
             assert torch.equal(fast, plain) and stats.setup_seconds > 0
             for sdpa in (False, True):
                 assert torch.equal(autoregressive_generate(target, ids, 20, cuda_graphs=True, sdpa=sdpa)[0], plain)
+    finally:
+        for m in models:
+            m.to("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_sampling_replayed_follows_the_eager_loop(models):
+    "On a GPU, tokens drawn there with a CUDA generator: the replayed steps draw what the eager passes draw."
+    target, draft = (m.to("cuda") for m in models)
+    try:
+        cfg, ids = TriForceConfig(budget=16, window=8, temperature=0.8), prompt(50, 3).cuda()
+        gen = lambda: torch.Generator("cuda").manual_seed(1)
+        a, _ = triforce_generate(target, draft, ids, 20, cfg, generator=gen())
+        b, _ = triforce_generate(target, draft, ids, 20, cfg, generator=gen(), cuda_graphs=True)
+        c, _ = autoregressive_generate(target, ids, 20, 0.8, gen())
+        d, _ = autoregressive_generate(target, ids, 20, 0.8, gen(), cuda_graphs=True)
+        assert torch.equal(a, b) and torch.equal(c, d)
     finally:
         for m in models:
             m.to("cpu")

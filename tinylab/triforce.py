@@ -16,7 +16,7 @@ from .core import FAILS, HOLDS, INCONCLUSIVE, cache_keyword
 from .kernels.sparse_decode_attention import sparse_decode_attention
 
 # %% auto #0
-__all__ = ['to_probs', 'speculative_accept', 'FlatKVCache', 'ChunkSelection', 'streaming_selection', 'chunk_scores',
+__all__ = ['to_probs', 'draw', 'speculative_accept', 'FlatKVCache', 'ChunkSelection', 'streaming_selection', 'chunk_scores',
            'retrieval_selection', 'StaticSelection', 'triforce_attention', 'TriForceConfig', 'DecodeStats',
            'unsupported_attention', 'Levels', 'autoregressive_generate', 'triforce_generate', 'streaming_chunks',
            'GraphLevels', 'compile_layers', 'lossless_outcome', 'distribution_outcome']
@@ -32,29 +32,38 @@ def to_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(logits / temperature, dim=-1)
 
 
+def draw(weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token id per row of `weights` [..., V] (non-negative, not necessarily normalised), drawn with probability
+    proportional to its weight: the argmax of w / E over independent E ~ Exp(1). It runs on the device of `weights`,
+    with a `generator` of that device (or None), and never waits for the device (`torch.multinomial` does: it checks
+    its input on the host). Returns the ids [...]."""
+    e = torch.empty(weights.shape, device=weights.device).exponential_(generator=generator)
+    return (weights.float() / e.clamp_min(torch.finfo(torch.float32).tiny)).argmax(-1)   # E = 0 would make 0/0
+
+
 def speculative_accept(draft: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
-                       generator: torch.Generator | None = None) -> tuple[int, int]:
+                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Verify `draft` [g] tokens, proposed with distributions `q` [g, V], against the verifier's `p` [g+1, V].
 
     Token i is accepted with probability min(1, p_i(x)/q_i(x)); at the first rejection the next token is
     drawn from the normalised residual max(0, p_i - q_i); if all g are accepted, a bonus token is drawn
-    from p_g. Returns (n accepted, next token): the tokens `draft[:n] + [next]` follow p exactly.
-    Sampling happens on the CPU (`generator`: a CPU `torch.Generator` or None)."""
+    from p_g. Returns (n accepted, next token), 0-d tensors: the tokens `draft[:n] + [next]` follow p exactly.
+    It all runs on p's device (`generator`: one of that device, or None) as a fixed list of operations that never
+    waits for the device: a caller reads both numbers with one copy."""
     g = draft.shape[0]
     if draft.ndim != 1 or q.ndim != 2 or q.shape[0] != g or p.shape != (g + 1, q.shape[1]):
         raise ValueError(f"expected draft [g], q [g, V], p [g+1, V]; got {tuple(draft.shape)}, {tuple(q.shape)}, {tuple(p.shape)}")
-    p, q = p.float().cpu(), q.float().cpu()
-    u = torch.rand(g, generator=generator)
-    for i in range(g):
-        x = int(draft[i])
-        px, qx = p[i, x].item(), q[i, x].item()
-        if qx > 0 and u[i].item() * qx < px:           # u < p/q, written without the division
-            continue
-        residual = (p[i] - q[i]).clamp_min(0)
-        if residual.sum() <= 0:                        # p == q up to rounding: the residual is p itself
-            residual = p[i]
-        return i, int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
-    return g, int(torch.multinomial(p[g], 1, generator=generator))
+    if draft.device != p.device or q.device != p.device:
+        raise ValueError(f"draft, q and p must be on one device, got {draft.device}, {q.device}, {p.device}")
+    p, q, rows = p.float(), q.float(), torch.arange(g, device=p.device)
+    px, qx = p[rows, draft], q[rows, draft]
+    u = torch.rand(g, generator=generator, device=p.device)
+    accepted = (qx > 0) & (u * qx < px)                      # u < p/q, written without the division
+    n = accepted.long().cumprod(0).sum()                     # the accepted prefix: up to the first rejection
+    residual = (p[:g] - q).clamp_min(0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[:g])   # p == q up to rounding: p itself
+    # row n of [residual_0, ..., residual_{g-1}, p_g]: the rejected place's residual, or p_g if all g were accepted
+    return n, draw(torch.cat([residual, p[g:]]).index_select(0, n.view(1))[0], generator)
 
 # %% ../nbs/21_triforce.ipynb #cell-014
 class FlatKVCache(Cache):
@@ -291,13 +300,23 @@ def _now(model) -> float:
     return time.perf_counter()
 
 
-def _forward(model, tokens: list[int], cache: FlatKVCache, select=None, record=None) -> torch.Tensor:
-    "Logits [t, V] of `tokens` appended to `cache`, at the positions that follow it."
+def _ids(tokens, device: torch.device) -> torch.Tensor:
+    """`tokens`, host ints or a LongTensor [t] already on `device`, as a LongTensor [t] on `device`. Host ints travel
+    through pinned memory without waiting for the device, so the step that reads them queues behind the ones before."""
+    if isinstance(tokens, torch.Tensor):
+        return tokens.view(-1)
+    ids = torch.tensor(tokens, dtype=torch.long)
+    return ids.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else ids
+
+
+def _forward(model, tokens, cache: FlatKVCache, select=None, record=None) -> torch.Tensor:
+    "Logits [t, V] of `tokens` (host ints or a LongTensor [t] on the model's device) appended to `cache`, at the positions that follow it."
     start, dev = cache.get_seq_length(), next(model.parameters()).device
-    pos = torch.arange(start, start + len(tokens), device=dev)[None]
-    logits = model(input_ids=torch.tensor([tokens], device=dev), position_ids=pos, use_cache=True,
+    ids = _ids(tokens, dev)
+    pos = torch.arange(start, start + len(ids), device=dev)[None]
+    logits = model(input_ids=ids[None], position_ids=pos, use_cache=True,
                    kv_select=select, kv_record=record, **{cache_keyword(type(model)): cache}).logits[0]
-    if cache.get_seq_length() != start + len(tokens):   # an unknown keyword would be swallowed: fail loudly instead
+    if cache.get_seq_length() != start + len(ids):      # an unknown keyword would be swallowed: fail loudly instead
         raise RuntimeError(f"{type(model).__name__} did not write its keys and values into the FlatKVCache")
     return logits
 
@@ -335,6 +354,13 @@ def _check_target(model, length: int):
     if found:
         raise ValueError(f"{type(model).__name__}: TriForce cannot decode this model losslessly: its attention has "
                          + " and ".join(found))
+
+
+def _check_generator(generator, device: torch.device):
+    "Tokens are drawn on the models' device: a generator must be of that device."
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device} but the models are on {device}: tokens are drawn on the "
+                         f"models' device (torch.Generator(device={str(device)!r}))")
 
 
 def _prompt(input_ids, max_new_tokens) -> list[int]:
@@ -408,23 +434,27 @@ def autoregressive_generate(model, input_ids, max_new_tokens: int, temperature: 
     """The baseline: one full-cache forward pass per token, same caches and attention, and the prompt prefilled as
     `triforce_generate` does (the model's own attention, then one token through ours). Returns (prompt + new tokens, stats).
     `cuda_graphs`: fixed-shape steps replayed as a CUDA graph (`GraphLevels`; run eagerly off a GPU). `sdpa`: the
-    steps read the cache with PyTorch's SDPA instead of the chunk kernel (the plain baseline's other choice)."""
+    steps read the cache with PyTorch's SDPA instead of the chunk kernel (the plain baseline's other choice).
+    Tokens are drawn on the model's device (`generator`: one of that device, or None) and fed to the next step there:
+    no step waits for the one before, unless `eos_token_id` is given (then each new token is read to test it)."""
     seq = _prompt(input_ids, max_new_tokens)
     _check_target(model, len(seq) + max_new_tokens)
+    _check_generator(generator, next(model.parameters()).device)
     n0, t0 = len(seq), _now(model)
     cache = FlatKVCache(model, n0 + max_new_tokens)
     _prefill(model, seq, cache)
     levels = (GraphLevels if cuda_graphs else Levels)(model, None, cache, None, TriForceConfig(), sdpa=sdpa)
     t_prefill = _now(model) - t0
     with _triforce_attention(model), levels:
-        logits = levels.full(seq[-1:])[-1]
+        logits, new = levels.full(seq[-1:])[-1], []
         while True:
-            x = int(torch.multinomial(to_probs(logits, temperature).cpu(), 1, generator=generator))
-            seq.append(x)
-            if x == eos_token_id or len(seq) - n0 == max_new_tokens:
+            x = draw(to_probs(logits, temperature), generator)
+            new.append(x)
+            if len(new) == max_new_tokens or (eos_token_id is not None and int(x) == eos_token_id):
                 break
-            logits = levels.full([x])[-1]
-    n = len(seq) - n0
+            logits = levels.full(x.view(1))[-1]
+    seq += torch.stack(new).tolist()
+    n = len(new)
     return torch.tensor(seq), DecodeStats(new_tokens=n, rounds=n, seconds=_now(model) - t0, prefill_seconds=t_prefill,
                                           setup_seconds=levels.setup_seconds)
 
@@ -440,13 +470,16 @@ def triforce_generate(target, draft, input_ids, max_new_tokens: int, cfg: TriFor
     """TriForce for one sequence: the `draft` model (StreamingLLM cache) speculates `gamma1` tokens at a time for
     the `target` on its retrieval cache, which speculates `gamma2` tokens for the `target` on its full cache.
     Returns (prompt + new tokens [T'], stats); the output follows the target's distribution exactly.
-    `cuda_graphs`: every level's steps are fixed-shape and replayed as CUDA graphs (`GraphLevels`; eagerly off a GPU)."""
+    `cuda_graphs`: every level's steps are fixed-shape and replayed as CUDA graphs (`GraphLevels`; eagerly off a GPU).
+    Tokens are drawn on the models' device (`generator`: one of that device, or None); the draft's tokens go to its
+    next step there, and the loop waits for the device once per check, to read what was accepted."""
     cfg = TriForceConfig() if cfg is None else cfg
     if not isinstance(cfg, TriForceConfig):
         raise TypeError(f"cfg must be a TriForceConfig, got {type(cfg).__name__}")
     if target.config.vocab_size != draft.config.vocab_size:
         raise ValueError(f"draft and target must share a vocabulary, got {draft.config.vocab_size} and {target.config.vocab_size}")
-    seq = _prompt(input_ids, max_new_tokens)
+    seq, dev = _prompt(input_ids, max_new_tokens), next(target.parameters()).device
+    _check_generator(generator, dev)
     n_prompt, t_start = len(seq), _now(target)
     cap = n_prompt + max_new_tokens + cfg.gamma2 + cfg.gamma1 + 2
     _check_target(target, cap)  # the draft only proposes: its attention need not be exact
@@ -468,21 +501,24 @@ def triforce_generate(target, draft, input_ids, max_new_tokens: int, cfg: TriFor
                 n_ctx, last = len(seq) + len(mid), (mid or seq)[-1]   # context seq + mid; the full cache holds all but `last`
                 d_tok, d_q = [], []
                 feed = _tail(seq, mid, dcache.get_seq_length())       # ---- level 1: catch up, then gamma1 tokens
-                for _ in range(cfg.gamma1):
-                    q = to_probs(levels.draft(feed)[-1], T).cpu()
-                    x = int(torch.multinomial(q, 1, generator=generator))
-                    d_tok.append(x); d_q.append(q); feed = [x]
-                p2 = to_probs(levels.middle([last] + d_tok), T)
-                n1, nxt = speculative_accept(torch.tensor(d_tok), torch.stack(d_q), p2, generator)
+                for _ in range(cfg.gamma1):                # (the drawn token stays on the device for the next step)
+                    q = to_probs(levels.draft(feed)[-1], T)
+                    x = draw(q, generator)
+                    d_tok.append(x); d_q.append(q); feed = x.view(1)
+                d_tok = torch.stack(d_tok)
+                p2 = to_probs(levels.middle(torch.cat([_ids([last], dev), d_tok])), T)
+                n1, nxt = speculative_accept(d_tok, torch.stack(d_q), p2, generator)
+                n1, nxt, *drafted = torch.cat([torch.stack([n1, nxt]), d_tok]).tolist()   # the check's one wait
                 stats.draft_proposed += cfg.gamma1; stats.draft_accepted += n1
-                mid += d_tok[:n1] + [nxt]
-                mid_q += [p2[i] for i in range(n1 + 1)]    # each middle token was drawn from p2 at its place
+                mid += drafted[:n1] + [nxt]
+                mid_q.append(p2[:n1 + 1])                  # each middle token was drawn from p2 at its place
                 full.crop(n_ctx + n1)                      # keep the level-2 keys of the accepted tokens
                 dcache.crop(min(dcache.get_seq_length(), n_ctx + n1))
-            mid, mid_q = mid[:cfg.gamma2], mid_q[:cfg.gamma2]
+            mid, mid_q = mid[:cfg.gamma2], torch.cat(mid_q)[:cfg.gamma2]
             full.crop(n0 - 1)                              # ---- level 3: the full cache verifies
-            p3 = to_probs(levels.full([seq[-1]] + mid), T)
-            n3, nxt = speculative_accept(torch.tensor(mid), torch.stack(mid_q), p3, generator)
+            ids = _ids([seq[-1]] + mid, dev)
+            p3 = to_probs(levels.full(ids), T)
+            n3, nxt = torch.stack(speculative_accept(ids[1:], mid_q, p3, generator)).tolist()
             stats.rounds += 1; stats.middle_proposed += len(mid); stats.middle_accepted += n3
             seq += mid[:n3] + [nxt]
             full.crop(n0 + n3)
@@ -529,14 +565,16 @@ def _static_pass(model, cache: FlatKVCache, t: int, select, record: dict | None 
 class _Graph:
     """`fn(inputs)` of one int64 device buffer, as a CUDA graph on a GPU: at its first call a warm-up run on a side
     stream compiles and allocates, then one run is recorded; every call replays it, all its kernels in one launch.
-    Elsewhere it runs eagerly. A call copies `values` into the buffer and returns fn's output (the next call overwrites it)."""
+    Elsewhere it runs eagerly. A call writes `first` and the device tensor `rest` into the buffer, [first, rest...],
+    queued on the device (nothing waits), and returns fn's output (the next call overwrites it)."""
     def __init__(self, fn, n_inputs: int, device: torch.device, stream=None):
         self.fn, self.stream = fn, stream
         self.inputs = torch.zeros(n_inputs, dtype=torch.long, device=device)
         self.graph, self.capture_seconds = None, 0.0
 
-    def __call__(self, values: list[int]):
-        self.inputs.copy_(torch.tensor(values))
+    def __call__(self, first: int, rest: torch.Tensor):
+        self.inputs[0].fill_(first)
+        self.inputs[1:].copy_(rest)
         if self.stream is None:
             return self.fn(self.inputs)
         if self.graph is None:
@@ -572,19 +610,20 @@ class GraphLevels(Levels):
         self.mid_chunks = [torch.full((1, hkv, self.n_keep + self.n_tail), -1, dtype=torch.int32, device=dev)
                            for _ in full_cache.k]
 
-    def _run(self, key, fn, n_inputs: int, values: list[int], device):
-        "Call graph `key` (built from `fn()` the first time) on `values`; its capture time counts as set-up."
+    def _run(self, key, fn, n_inputs: int, first: int, rest: torch.Tensor, device):
+        "Call graph `key` (built from `fn()` the first time) on [first, rest...]; its capture time counts as set-up."
         new = key not in self.graphs
         if new:
             self.graphs[key] = _Graph(fn(), n_inputs, device, self.stream)
-        out = self.graphs[key](values)
+        out = self.graphs[key](first, rest)
         self.setup_seconds += self.graphs[key].capture_seconds if new else 0.0
         return out
 
-    def _step(self, level: str, model, cache: FlatKVCache, tokens: list[int], select, record=None) -> torch.Tensor:
-        start, t = cache.get_seq_length(), len(tokens)
-        out = self._run((level, t), lambda: _static_pass(model, cache, t, select, record), t + 1, [start] + tokens,
-                        cache.k[0].device)
+    def _step(self, level: str, model, cache: FlatKVCache, tokens, select, record=None) -> torch.Tensor:
+        dev = cache.k[0].device
+        start, ids = cache.get_seq_length(), _ids(tokens, dev)
+        t = len(ids)
+        out = self._run((level, t), lambda: _static_pass(model, cache, t, select, record), t + 1, start, ids, dev)
         cache.lengths = [start + t] * len(cache.lengths)
         return out
 
@@ -643,7 +682,8 @@ class GraphLevels(Levels):
             for layer, chunks in enumerate(sel.chunks):
                 self._write_middle(layer, chunks, sel.boundary // c.chunk_size)
             return
-        self._run(("rebuild", self.record_t), lambda: self._rebuild_pass(self.record), 2, [i, n], self.full_cache.k[0].device)
+        dev = self.full_cache.k[0].device
+        self._run(("rebuild", self.record_t), lambda: self._rebuild_pass(self.record), 2, i, _ids([n], dev), dev)
 
 # %% ../nbs/21_triforce.ipynb #fused-layers
 def compile_layers(*models: PreTrainedModel, enable: bool = True):
