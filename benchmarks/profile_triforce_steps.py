@@ -10,7 +10,7 @@ At each context:
     replay followed by a synchronisation (what a loop that reads the next token must wait for), the step as the
     decoders ran it before they drew tokens on the GPU (the next-token distribution copied to the CPU and sampled
     there, then copied back as the next input), and as they run it now (greedy token drawn on the GPU and fed to the
-    next step there, steps queued back to back, one wait at the end of 8), against the per-token decode time of
+    next step there, steps queued back to back, one wait at the end of 64), against the per-token decode time of
     `autoregressive_generate` itself.
 Usage: PYTHONPATH=. python3 benchmarks/profile_triforce_steps.py --out book/results/triforce_profile_h200.json
 (`--smoke`: tiny sizes on any device, to check the script runs)."""
@@ -82,7 +82,7 @@ def profile_context(target, draft, ids: list[int], tf: TriForceConfig, new_token
                 x = int(torch.multinomial(to_probs(step([1] * t)[-1], 0.0).cpu(), 1)); undo()
                 return x
 
-            def drawn_on_gpu(step=level[name], undo=undo, t=n_tokens[name], n=8):
+            def drawn_on_gpu(step=level[name], undo=undo, t=n_tokens[name], n=64):
                 "the loop now: each token drawn on the GPU and fed to the next step there; one wait after n steps"
                 x = torch.ones(1, dtype=torch.long, device=dev)
                 for _ in range(n):
@@ -92,7 +92,7 @@ def profile_context(target, draft, ids: list[int], tf: TriForceConfig, new_token
             out[name]["wall_ms"] = benchmark({"replay + sync": replay_sync, "loop step, sampled on the CPU": cpu_sampled},
                                              warmup=3, repeats=30, device=dev)["ms"].to_dict()
             out[name]["wall_ms"]["loop step, drawn on the GPU"] = benchmark(
-                {"x": drawn_on_gpu}, warmup=2, repeats=10, device=dev)["ms"]["x"] / 8
+                {"x": drawn_on_gpu}, warmup=1, repeats=5, device=dev)["ms"]["x"] / 64
     prompt = torch.tensor(ids)
     _, st = autoregressive_generate(target, prompt, new_tokens, cuda_graphs=True)
     out["full1"]["wall_ms"]["autoregressive_generate, per token"] = st.decode_seconds * 1e3 / st.new_tokens

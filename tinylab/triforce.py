@@ -454,9 +454,9 @@ def autoregressive_generate(model, input_ids, max_new_tokens: int, temperature: 
                 break
             logits = levels.full(x.view(1))[-1]
     seq += torch.stack(new).tolist()
-    n = len(new)
-    return torch.tensor(seq), DecodeStats(new_tokens=n, rounds=n, seconds=_now(model) - t0, prefill_seconds=t_prefill,
-                                          setup_seconds=levels.setup_seconds)
+    stats = DecodeStats(new_tokens=len(new), rounds=len(new), seconds=_now(model) - t0, prefill_seconds=t_prefill,
+                        setup_seconds=levels.setup_seconds)
+    return torch.tensor(seq), stats          # (the clock stops first, as in triforce_generate: a long prompt's tensor takes ms)
 
 
 def _tail(seq: list, mid: list, start: int) -> list:
@@ -586,6 +586,7 @@ class _Graph:
                 with torch.cuda.graph(self.graph, stream=self.stream):
                     self.out = self.fn(self.inputs)
             torch.cuda.current_stream(self.inputs.device).wait_stream(self.stream)
+            self.stream.synchronize()                                   # set-up includes the warm-up run's GPU time
             self.capture_seconds = time.perf_counter() - t0
         self.graph.replay()
         return self.out
