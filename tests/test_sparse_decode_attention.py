@@ -291,36 +291,3 @@ def test_every_chunk_read_in_order(poison_empty, dtype, with_length, splits):
     assert_close("ref", listed, sparse_decode_attention_ref(q, k, v, None, length=length), 1e-6)
     dense = sparse_decode_attention(q, k, v, None, num_splits=splits, use_triton=True, length=length)
     assert_close("triton", listed, dense, TOL[dtype])
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("with_length", [False, True], ids=["whole-cache", "length"])
-@pytest.mark.parametrize("splits", [1, 3], ids=["one-split", "3-splits"])
-def test_every_chunk_through_tensor_descriptors(poison_empty, monkeypatch, dtype, with_length, splits):
-    """TUNING["tma"]: the every-chunk path reads its keys and values as whole tiles through tensor descriptors (the
-    tensor memory accelerator): the same answer as the reference. Rows past `length` hold NaN here, as an
-    uninitialised buffer may: they must not reach the output."""
-    import tinylab.kernels.sparse_decode_attention as mod
-    monkeypatch.setitem(mod.TUNING, "tma", True)
-    q, k, v, _ = make(2, 6, 2, 3, 101, 24, 1, dtype)
-    assert mod._tma_ready(k) and mod._tma_ready(v)
-    length = torch.tensor([77, 40], dtype=torch.int32, device=DEVICE) if with_length else None
-    ref = sparse_decode_attention_ref(q, k, v, None, length=length)
-    if with_length:
-        for row, n in enumerate(length.tolist()):
-            k[row, :, n:], v[row, :, n:] = float("nan"), float("nan")
-    out = sparse_decode_attention(q, k, v, None, num_splits=splits, use_triton=True, length=length)
-    assert_close("tma", ref, out, TOL[dtype])
-
-
-def test_tensor_descriptors_need_aligned_tensors(poison_empty, monkeypatch):
-    "A view that starts off a 16-byte boundary cannot be read by the tensor memory accelerator: the pointer loads serve it."
-    import tinylab.kernels.sparse_decode_attention as mod
-    monkeypatch.setitem(mod.TUNING, "tma", True)
-    q, k, v, _ = make(1, 4, 2, 1, 50, 24, 1, torch.float32)
-    k, v = k[:, :, 1:], v[:, :, 1:]                       # rows of 96 bytes, the first one skipped: still aligned
-    assert mod._tma_ready(k)
-    k2 = torch.randn(1, 2, 50 * 24 + 1, device=DEVICE)[..., 1:].view(1, 2, 50, 24)   # starts 4 bytes in
-    assert not mod._tma_ready(k2)
-    assert_close("unaligned", sparse_decode_attention_ref(q, k2, k2, None),
-                 sparse_decode_attention(q, k2, k2, None, use_triton=True), TOL[torch.float32])

@@ -11,7 +11,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 # %% auto #0
 __all__ = ['MAX_ROWS', 'SMEM_BYTES', 'TUNING', 'sparse_decode_attention_ref', 'sparse_decode_attention_kernel',
@@ -110,8 +109,7 @@ def sparse_decode_attention_kernel(Q, K, V, IDX, O_PART, LSE_PART,
                                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
                                    OUT=None, LOCK=None, stride_ob=0, stride_oh=0, stride_ot=0,
                                    MERGE: tl.constexpr = False, BLOCK_S: tl.constexpr = 2,
-                                   LENGTH=None, HAS_LENGTH: tl.constexpr = False, DENSE: tl.constexpr = False,
-                                   K_DESC=None, V_DESC=None, TMA: tl.constexpr = False):
+                                   LENGTH=None, HAS_LENGTH: tl.constexpr = False, DENSE: tl.constexpr = False):
     pid_bh, split = tl.program_id(0), tl.program_id(1)
     b, hk = (pid_bh // Hkv).to(tl.int64), pid_bh % Hkv       # int64: b * stride_kb passes 2**31 in long caches
     n_splits = tl.num_programs(1)
@@ -147,14 +145,9 @@ def sparse_decode_attention_kernel(Q, K, V, IDX, O_PART, LSE_PART,
             cid = tl.load(ids + c0 + slot, mask=s_ok, other=-1)
             tok = cid.to(tl.int64) * CHUNK + within         # rows of the full cache, read in place (int64 offsets)
             k_ok = s_ok & (cid >= 0) & (tok < N)
-        if TMA:  # (DENSE only) the run as one tile through the tensor memory accelerator: rows past the tensor come as 0
-            k = K_DESC.load([b.to(tl.int32), hk, c0 * CHUNK, 0]).reshape(BLOCK_C * CHUNK, BLOCK_D)
-            v = V_DESC.load([b.to(tl.int32), hk, c0 * CHUNK, 0]).reshape(BLOCK_C * CHUNK, BLOCK_D)
-            v = tl.where(k_ok[:, None], v, 0.0)             # rows past `length` or the split are not read as data
-        else:
-            kv_mask = k_ok[:, None] & d_ok[None, :]
-            k = tl.load(ks + tok[:, None] * stride_kt + d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(vs + tok[:, None] * stride_vt + d[None, :], mask=kv_mask, other=0.0)
+        kv_mask = k_ok[:, None] & d_ok[None, :]
+        k = tl.load(ks + tok[:, None] * stride_kt + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(vs + tok[:, None] * stride_vt + d[None, :], mask=kv_mask, other=0.0)
         if DOT_FP32:
             s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
@@ -246,18 +239,13 @@ def _smem_bytes(block_r: int, block_d: int, rows: int, elt: int) -> int:
 # runs in the same launch (more rows: the separate merge kernel, one program per row), called eagerly and while a
 # CUDA graph is captured (where a second launch costs nothing, and the separate merge is faster for several rows)
 TUNING = dict(block_tokens=64, num_warps=4, num_stages=2, programs_per_sm=4, max_splits=64, merge_rows=8,
-              graph_merge_rows=1, tma=False)
+              graph_merge_rows=1)
 
 @functools.lru_cache(maxsize=None)
 def _gpu_limits(index: int) -> tuple[int, int]:
     "(SM count, shared memory per program) of CUDA device `index`, asked once: the query costs microseconds a call."
     props = torch.cuda.get_device_properties(index)
     return props.multi_processor_count, getattr(props, "shared_memory_per_block_optin", SMEM_BYTES)
-
-def _tma_ready(t: torch.Tensor) -> bool:
-    "Whether the tensor memory accelerator can read `t`: a 16-byte aligned start, and 16-byte multiples for its strides."
-    return t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
-
 
 _SCRATCH = {}
 
@@ -338,11 +326,6 @@ def sparse_decode_attention(q, k, v, chunk_idx, chunk_size=8, scale=None, num_sp
     else:
         idx = chunk_idx.to(torch.int32).contiguous()
     id_strides = (0, 0) if chunk_idx is None else (idx.stride(0), idx.stride(1))
-    tile = [1, 1, BLOCK_C * chunk_size, BLOCK_D]
-    tma = (TUNING["tma"] and chunk_idx is None and (_interpreting() or torch.cuda.get_device_capability(q.device)[0] >= 9)
-           and all(_tma_ready(t) for t in (k, v)))
-    descs = dict(K_DESC=TensorDescriptor(k, list(k.shape), list(k.stride()), tile),
-                 V_DESC=TensorDescriptor(v, list(v.shape), list(v.stride()), tile)) if tma else {}
     out = torch.empty(B, H, NQ, D, device=q.device, dtype=q.dtype)
     n_part = 1 if num_splits == 1 else B * Hkv * num_splits * R     # (one element: no empty pointer)
     counters, scratch = _scratch(q.device, B * Hkv, n_part * (D + 1))
@@ -355,8 +338,7 @@ def sparse_decode_attention(q, k, v, chunk_idx, chunk_size=8, scale=None, num_sp
         D=D, CHUNK=chunk_size, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, DOT_FP32=dot_fp32,
         OUT=out, LOCK=counters if merge else o_part, stride_ob=out.stride(0),
         stride_oh=out.stride(1), stride_ot=out.stride(2), MERGE=merge, BLOCK_S=BLOCK_S,
-        LENGTH=length, HAS_LENGTH=length is not None, DENSE=chunk_idx is None, TMA=tma, **descs,
-        num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"])
+        LENGTH=length, HAS_LENGTH=length is not None, DENSE=chunk_idx is None, num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"])
     if not merge:
         combine_splits_kernel[(B * Hkv * R,)](
             o_part, lse_part, out, out.stride(0), out.stride(1), out.stride(2), Hkv, NQ, R, num_splits,
