@@ -8,7 +8,7 @@ from tinylab.lm import build_model, tiny_config
 from tinylab.triforce import (ChunkSelection, DecodeStats, FlatKVCache, GraphLevels, TriForceConfig, autoregressive_generate,
                               chunk_scores, distribution_outcome, lossless_outcome, retrieval_selection,
                               draw, speculative_accept, streaming_chunks, streaming_selection, to_probs, triforce_generate)
-from tinylab.triforce import _check_generator
+from tinylab.triforce import _check_generator, _ids
 
 V = 48
 
@@ -77,6 +77,9 @@ def test_tokens_are_drawn_on_the_models_device():
     with pytest.raises(ValueError, match="generator is on cpu"):
         _check_generator(torch.Generator(), torch.device("cuda"))
     _check_generator(None, torch.device("cuda")); _check_generator(torch.Generator(), torch.device("cpu"))
+    with pytest.raises(ValueError, match="tokens are on cpu"):
+        _ids(torch.tensor([1, 2]), torch.device("meta"))
+    assert _ids([3, 4], torch.device("cpu")).tolist() == [3, 4]
     p = torch.eye(5)[[1, 2]]
     with pytest.raises(ValueError, match="one device"):
         speculative_accept(torch.tensor([1], device="meta"), p[:1], p)

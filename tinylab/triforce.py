@@ -36,7 +36,7 @@ def draw(weights: torch.Tensor, generator: torch.Generator | None = None) -> tor
     """One token id per row of `weights` [..., V] (non-negative, not necessarily normalised), drawn with probability
     proportional to its weight: the argmax of w / E over independent E ~ Exp(1). It runs on the device of `weights`,
     with a `generator` of that device (or None), and never waits for the device (`torch.multinomial` does: it checks
-    its input on the host). Returns the ids [...]."""
+    its input on the host). So it checks nothing: a row of zeros or NaN gives some index. Returns the ids [...]."""
     e = torch.empty(weights.shape, device=weights.device).exponential_(generator=generator)
     return (weights.float() / e.clamp_min(torch.finfo(torch.float32).tiny)).argmax(-1)   # E = 0 would make 0/0
 
@@ -304,6 +304,8 @@ def _ids(tokens, device: torch.device) -> torch.Tensor:
     """`tokens`, host ints or a LongTensor [t] already on `device`, as a LongTensor [t] on `device`. Host ints travel
     through pinned memory without waiting for the device, so the step that reads them queues behind the ones before."""
     if isinstance(tokens, torch.Tensor):
+        if tokens.device != device:
+            raise ValueError(f"tokens are on {tokens.device}, the model on {device}")
         return tokens.view(-1)
     ids = torch.tensor(tokens, dtype=torch.long)
     return ids.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else ids
@@ -358,7 +360,7 @@ def _check_target(model, length: int):
 
 def _check_generator(generator, device: torch.device):
     "Tokens are drawn on the models' device: a generator must be of that device."
-    if generator is not None and generator.device.type != device.type:
+    if generator is not None and torch.device(generator.device) != device:
         raise ValueError(f"generator is on {generator.device} but the models are on {device}: tokens are drawn on the "
                          f"models' device (torch.Generator(device={str(device)!r}))")
 
@@ -453,7 +455,7 @@ def autoregressive_generate(model, input_ids, max_new_tokens: int, temperature: 
             if len(new) == max_new_tokens or (eos_token_id is not None and int(x) == eos_token_id):
                 break
             logits = levels.full(x.view(1))[-1]
-    seq += torch.stack(new).tolist()
+        seq += torch.stack(new).tolist()                 # the one wait (with no stop token)
     stats = DecodeStats(new_tokens=len(new), rounds=len(new), seconds=_now(model) - t0, prefill_seconds=t_prefill,
                         setup_seconds=levels.setup_seconds)
     return torch.tensor(seq), stats          # (the clock stops first, as in triforce_generate: a long prompt's tensor takes ms)
