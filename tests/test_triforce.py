@@ -77,6 +77,10 @@ def test_tokens_are_drawn_on_the_models_device():
     with pytest.raises(ValueError, match="generator is on cpu"):
         _check_generator(torch.Generator(), torch.device("cuda"))
     _check_generator(None, torch.device("cuda")); _check_generator(torch.Generator(), torch.device("cpu"))
+    fake = lambda name: type("G", (), {"device": torch.device(name)})()      # CUDA generators' devices, without a GPU
+    _check_generator(fake("cuda"), torch.device("cuda:0"))                     # no index: the current device
+    with pytest.raises(ValueError, match="generator is on cuda:1"):
+        _check_generator(fake("cuda:1"), torch.device("cuda:0"))
     with pytest.raises(ValueError, match="tokens are on cpu"):
         _ids(torch.tensor([1, 2]), torch.device("meta"))
     assert _ids([3, 4], torch.device("cpu")).tolist() == [3, 4]

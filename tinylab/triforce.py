@@ -359,8 +359,9 @@ def _check_target(model, length: int):
 
 
 def _check_generator(generator, device: torch.device):
-    "Tokens are drawn on the models' device: a generator must be of that device."
-    if generator is not None and torch.device(generator.device) != device:
+    "Tokens are drawn on the models' device: a generator must be of that device (and of its index, where both name one)."
+    g = None if generator is None else torch.device(generator.device)
+    if g is not None and (g.type != device.type or (None not in (g.index, device.index) and g.index != device.index)):
         raise ValueError(f"generator is on {generator.device} but the models are on {device}: tokens are drawn on the "
                          f"models' device (torch.Generator(device={str(device)!r}))")
 
