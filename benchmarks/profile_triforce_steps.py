@@ -77,9 +77,9 @@ def profile_context(target, draft, ids: list[int], tf: TriForceConfig, new_token
             out[name] = {"kernels": kernels(eager, 5)}
             replay_sync = lambda: (g.graph.replay(), torch.cuda.synchronize())
 
-            def cpu_sampled(step=level[name], undo=undo, t=n_tokens[name]):
+            def cpu_sampled(step=step, undo=undo):
                 "the old loop: distribution to the CPU, sampled there, the token copied back as the next input"
-                x = int(torch.multinomial(to_probs(step([1] * t)[-1], 0.0).cpu(), 1)); undo()
+                x = int(torch.multinomial(to_probs(step()[-1], 0.0).cpu(), 1)); undo()
                 return x
 
             def drawn_on_gpu(step=level[name], undo=undo, t=n_tokens[name], n=64):
