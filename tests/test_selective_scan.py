@@ -387,6 +387,8 @@ def test_split_through_autograd_matches_reference(monkeypatch):
     pytest.param("fwd", 4, 1, 48, 63, 1, id="fwd-short"),
     pytest.param("bwd", 4, 1, 48, 40, 5, id="bwd-min-block"),            # 40 // 8
     pytest.param("bwd", 64, 1, 1, 10**6, 64, id="bwd-max-segments"),
+    pytest.param("fwd", 32, 4, 192, 2048, 1, id="left-whole"),         # 768 programs >= 4 per SM x 132
+    pytest.param("fwd", 32, 2, 128, 4096, 16, id="split-below-threshold"),  # 256 < 528: 32 x 132 / 256
 ])
 def test_segments_policy(monkeypatch, pass_, per_sm, bsz, n_units, T, want):
     monkeypatch.setattr(ss, "_sm_count", lambda device: 132)

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 # %% auto #0
-__all__ = ['BWD_BLOCK_T', 'SPLIT_PROGRAMS_PER_SM', 'MAX_SEGMENTS', 'BACKENDS', 'selective_scan_fwd_kernel', 'selective_scan_triton', 'selective_scan_bwd_kernel', 'selective_scan_triton_bwd', 'SelectiveScanFn', 'selective_scan', 'selective_scan_fwd_carry_kernel', 'selective_scan_bwd_carry_kernel', 'selective_scan_ref', 'linear_scan', 'selective_scan_chunked', 'random_inputs', 'selective_scan_bwd']
+__all__ = ['BWD_BLOCK_T', 'SPLIT_PROGRAMS_PER_SM', 'UNSPLIT_PROGRAMS_PER_SM', 'MAX_SEGMENTS', 'BACKENDS', 'selective_scan_fwd_kernel', 'selective_scan_triton', 'selective_scan_bwd_kernel', 'selective_scan_triton_bwd', 'SelectiveScanFn', 'selective_scan', 'selective_scan_fwd_carry_kernel', 'selective_scan_bwd_carry_kernel', 'selective_scan_ref', 'linear_scan', 'selective_scan_chunked', 'random_inputs', 'selective_scan_bwd']
 
 # %% ../../nbs/10a_selective_scan.ipynb #cell-018
 @triton.jit
@@ -23,47 +23,61 @@ def _combine(a1, b1, a2, b2):
 
 # %% ../../nbs/10a_selective_scan.ipynb #cell-024
 @triton.jit
+def _tile_setup(A, DM, N, ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What every scan kernel starts with: program (., d) owns channels d BLOCK_D ... d BLOCK_D + BLOCK_D - 1; the
+    offsets nd_off of its (BLOCK_N, BLOCK_D) state tile in (D, N) memory and their mask, and A in the exponent's base
+    (times log2 e in float32, for exp2; padded lanes 0, so their decay is 1 and their input 0)."""
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d, mask_n = offs_d < DM, offs_n < N
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    nd_off = offs_n[:, None] + offs_d[None, :] * N
+    a = tl.load(A + nd_off, mask=mask_nd, other=0.0).to(ACC)
+    if ACC == tl.float32:
+        a = a * 1.4426950408889634           # exp(x) = exp2(x log2 e): the GPU's special-function unit computes 2^x
+    return offs_d, offs_n, mask_d, mask_n, mask_nd, nd_off, a
+
+@triton.jit
+def _exp(x, ACC: tl.constexpr):
+    "e^x for an exponent formed with `_tile_setup`'s A: exp2 in float32, exp in float64."
+    if ACC == tl.float32:
+        return tl.exp2(x)
+    else:
+        return tl.exp(x)
+
+@triton.jit
 def selective_scan_fwd_kernel(U, DELTA, A, B, C, DSKIP, H0, Y, HT, ST, CARRY, T, DM, N, SEG_T, NSEG,
                               HAS_D: tl.constexpr, HAS_H0: tl.constexpr, SAVE: tl.constexpr, SPLIT: tl.constexpr,
                               ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program: one sequence, BLOCK_D channels and all N states; it walks the sequence BLOCK_T steps at a time.
-    With SAVE it also writes the state entering every block, and h_T after the last, to ST (batch, blocks + 1, D, N).
-    With SPLIT program (b, d, s) walks only segment s of NSEG, steps [s SEG_T, (s + 1) SEG_T), entering it with the
-    state that the maps h -> P_a h + P_b of segments 0..s-1 in CARRY (batch, NSEG, 2, D, N) give; the last segment
-    writes h_T. Without SPLIT, CARRY, SEG_T and NSEG are unused."""
+    """One program: one sequence, BLOCK_D channels and all N states; it walks the sequence BLOCK_T steps at a time in
+    (BLOCK_T, BLOCK_N, BLOCK_D) tiles. With SAVE it also writes the state entering every block, and h_T after the
+    last, to ST (batch, blocks + 1, D, N). With SPLIT program (b, d, s) walks only segment s of NSEG, steps
+    [s SEG_T, (s + 1) SEG_T), entering it with the state that the maps h -> P_a h + P_b of segments 0..s-1 in CARRY
+    (batch, NSEG, 2, D, N) give; the last segment writes h_T. Without SPLIT, CARRY, SEG_T and NSEG are unused."""
     pid_b = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d, mask_n = offs_d < DM, offs_n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    # A (BLOCK_D, BLOCK_N) stays in registers; padded lanes get A = 0, so their decay is 1 and their input 0
-    a = tl.load(A + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(ACC)
-    if ACC == tl.float32:
-        a = a * 1.4426950408889634           # exp(x) = exp2(x log2 e): the GPU's special-function unit computes 2^x
-    h_off = pid_b * DM * N + offs_d[:, None] * N + offs_n[None, :]
+    offs_d, offs_n, mask_d, mask_n, mask_nd, nd_off, a = _tile_setup(A, DM, N, ACC, BLOCK_D, BLOCK_N)
     if HAS_H0:
-        h = tl.load(H0 + h_off, mask=mask_dn, other=0.0).to(ACC)
+        h = tl.load(H0 + pid_b * DM * N + nd_off, mask=mask_nd, other=0.0).to(ACC)
     else:
-        h = tl.zeros((BLOCK_D, BLOCK_N), dtype=ACC)
+        h = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
     if HAS_D:
         dskip = tl.load(DSKIP + offs_d, mask=mask_d, other=0.0).to(ACC)
     n_blocks = tl.cdiv(T, BLOCK_T)
-    st_off = pid_b * (n_blocks + 1) * DM * N + offs_d[:, None] * N + offs_n[None, :]
-    is_last = tl.arange(0, BLOCK_T) == BLOCK_T - 1
-    t_lo, t_hi, end_mask = 0, T, mask_dn
+    st_off = pid_b * (n_blocks + 1) * DM * N + nd_off
+    is_first = (tl.arange(0, BLOCK_T) == 0)[:, None, None]
+    is_last = (tl.arange(0, BLOCK_T) == BLOCK_T - 1)[:, None, None]
+    t_lo, t_hi, end_mask = 0, T, mask_nd
     if SPLIT:                              # segment s: its entering state from h0 through segments 0..s-1
         pid_s = tl.program_id(2)
-        dn_off = offs_d[:, None] * N + offs_n[None, :]
         for j in range(0, pid_s):
-            c_off = (pid_b * NSEG + j) * 2 * DM * N + dn_off
-            h = tl.load(CARRY + c_off, mask=mask_dn, other=0.0) * h + tl.load(CARRY + c_off + DM * N, mask=mask_dn, other=0.0)
+            c_off = (pid_b * NSEG + j) * 2 * DM * N + nd_off
+            h = tl.load(CARRY + c_off, mask=mask_nd, other=0.0) * h + tl.load(CARRY + c_off + DM * N, mask=mask_nd, other=0.0)
         t_lo = pid_s * SEG_T
         t_hi = tl.minimum(t_lo + SEG_T, T)
-        end_mask = tl.where(pid_s == NSEG - 1, mask_dn, False)          # only the last segment ends at h_T
+        end_mask = tl.where(pid_s == NSEG - 1, mask_nd, False)          # only the last segment ends at h_T
     for t0 in range(t_lo, t_hi, BLOCK_T):
         if SAVE:                                                        # the state entering this block
-            tl.store(ST + st_off + (t0 // BLOCK_T) * DM * N, h, mask=mask_dn)
+            tl.store(ST + st_off + (t0 // BLOCK_T) * DM * N, h, mask=mask_nd)
         offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)  # int64: t * DM passes 2**31 in one long sequence
         mask_t = offs_t < T
         # u, delta: (BLOCK_T, BLOCK_D); B, C: (BLOCK_T, BLOCK_N); steps past T get delta = 0: decay 1, input 0
@@ -75,51 +89,48 @@ def selective_scan_fwd_kernel(U, DELTA, A, B, C, DSKIP, H0, Y, HT, ST, CARRY, T,
         m_tn = mask_t[:, None] & mask_n[None, :]
         b = tl.load(B + bc_off, mask=m_tn, other=0.0).to(ACC)
         c = tl.load(C + bc_off, mask=m_tn, other=0.0).to(ACC)
-        # discretise: (BLOCK_T, BLOCK_D, BLOCK_N) decays and inputs
-        if ACC == tl.float32:
-            dA = tl.exp2(dt[:, :, None] * a[None, :, :])
-        else:
-            dA = tl.exp(dt[:, :, None] * a[None, :, :])
-        dBu = (dt * u)[:, :, None] * b[:, None, :]
-        # scan the block from h = 0, then add the carried state through the cumulative decay
-        pa, pb = tl.associative_scan((dA, dBu), 0, _combine)
-        hs = pa * h[None, :, :] + pb
-        y = tl.sum(hs * c[:, None, :], axis=2)                          # (BLOCK_T, BLOCK_D)
+        # discretise: (BLOCK_T, BLOCK_N, BLOCK_D) decays and inputs; the carried state joins the first step's input
+        dA = _exp(dt[:, None, :] * a[None, :, :], ACC)
+        dBu = (dt * u)[:, None, :] * b[:, :, None]
+        dBu = tl.where(is_first, dA * h[None, :, :] + dBu, dBu)
+        _, hs = tl.associative_scan((dA, dBu), 0, _combine)             # hs: h_t itself
+        y = tl.sum(hs * c[:, :, None], axis=1)                          # (BLOCK_T, BLOCK_D)
         if HAS_D:
             y += dskip[None, :] * u
         tl.store(Y + x_off, y.to(Y.dtype.element_ty), mask=m_td)
-        h = tl.sum(tl.where(is_last[:, None, None], hs, 0.0), axis=0)    # the state after the block
-    tl.store(HT + h_off, h.to(HT.dtype.element_ty), mask=end_mask)
+        # the state after the block, its last row (-0.0 elsewhere: x + -0.0 is x, so the compiler drops the adds)
+        h = tl.sum(tl.where(is_last, hs, -0.0), axis=0)
+    tl.store(HT + pid_b * DM * N + nd_off, h.to(HT.dtype.element_ty), mask=end_mask)
     if SAVE:
         tl.store(ST + st_off + n_blocks * DM * N, h, mask=end_mask)
+
 
 # %% ../../nbs/10a_selective_scan.ipynb #cell-028
 def _configs():
     "Block sizes (BLOCK_T, BLOCK_D, warps) to autotune the forward over on a GPU; one small one for the CPU interpreter."
     if torch.cuda.is_available():
-        # the best of a block-size sweep on the H200 (2026-11-30): small channel blocks, many programs
-        shapes = [(16, 16, 4), (16, 8, 2), (16, 8, 4), (32, 16, 4), (64, 8, 4), (32, 16, 8), (16, 16, 8), (16, 32, 8)]
+        # the fastest of a sweep on the H200 (2026-12-01) over blocks and segments: one warp, 8-32 channels a program
+        shapes = [(32, 8, 1), (16, 8, 1), (8, 16, 1), (8, 32, 1)]
     else:
-        shapes = [(8, 8, 4)]
+        shapes = [(8, 8, 1)]
     return [triton.Config({"BLOCK_T": bt, "BLOCK_D": bd}, num_warps=w) for bt, bd, w in shapes]
 
 # the block length of the backward; a forward that keeps states for it walks in blocks of the same length.
 # 8: the fastest of a sweep on the H200 (2026-11-30, with 8 channels and one warp a program, 0.5-0.6x the time
-# of 16 steps): the backward's many (steps, channels, states) tiles then stay in registers
+# of 16 steps): the backward's many (steps, states, channels) tiles then stay in registers
 BWD_BLOCK_T = 8
 
 def _configs_t(shapes):
     "Configurations with BLOCK_T = BWD_BLOCK_T: (BLOCK_D, warps) on a GPU, one small one for the interpreter."
-    shapes = shapes if torch.cuda.is_available() else [(8, 4)]
+    shapes = shapes if torch.cuda.is_available() else [(8, 1)]
     return [triton.Config({"BLOCK_T": BWD_BLOCK_T, "BLOCK_D": bd}, num_warps=w) for bd, w in shapes]
 
 # the key holds the split (on or off, how many segments): a configuration tuned for one grid is not reused for another
 _FWD_KEY = ["DM", "N", "ACC", "SAVE", "SPLIT", "NSEG"]
 _fwd_tuned = triton.autotune(configs=_configs(), key=_FWD_KEY)(selective_scan_fwd_kernel)
-_fwd_save_tuned = triton.autotune(configs=_configs_t([(16, 4), (8, 2), (8, 4), (16, 8), (32, 8)]),
-                                  key=_FWD_KEY)(selective_scan_fwd_kernel)
+_fwd_save_tuned = triton.autotune(configs=_configs_t([(16, 1), (8, 1), (4, 1)]), key=_FWD_KEY)(selective_scan_fwd_kernel)
 # a forward segment is a multiple of every block length the autotuned forward (and its carry pass) may walk with:
-# 64 on a GPU, 8 in the interpreter
+# 32 on a GPU, 8 in the interpreter
 _FWD_SEG_STEP = max(c.kwargs["BLOCK_T"] for c in _fwd_tuned.configs + _fwd_save_tuned.configs)
 
 def _split(T: int, segments, step: int) -> tuple[int, int]:
@@ -158,10 +169,12 @@ def _check_triton(u, delta, A, B, C, D, h0, block_t=None, block_d=None):
             raise ValueError(f"{name} must be a power of two from 1 to 1024 (Triton's blocks), got {block!r}")
     return dims
 
-# the split-in-time policy: segments enough for about this many programs per SM (0: no split), per pass. From the
-# H200 sweep (benchmarks/scan_split_sweep.py, 2026-11-30): the values no slower than no split at batch 4 and fastest
-# at batch 1 (at batch 4, D 1536 they ask for no split; more segments there cost more than they gain)
-SPLIT_PROGRAMS_PER_SM = dict(fwd=4, bwd=8)
+# the split-in-time policy: a launch with fewer than UNSPLIT_PROGRAMS_PER_SM programs per SM is split into segments
+# enough for about SPLIT_PROGRAMS_PER_SM[pass] programs per SM (0: never split). From the H200 sweeps of 2026-12-01
+# (benchmarks/scan_split_sweep.py): at batch 4, D 1536 (six one-warp programs per SM) the carry pass costs more
+# than more programs gain; at batch 1 and 2 splitting to 16-32 programs per SM halves the time
+SPLIT_PROGRAMS_PER_SM = dict(fwd=32, bwd=16)
+UNSPLIT_PROGRAMS_PER_SM = 4
 MAX_SEGMENTS = 64          # each program first folds the maps of the segments before it: O(segments) loads
 
 @functools.lru_cache(maxsize=None)
@@ -171,16 +184,16 @@ def _sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
 
 def _segments(pass_: str, bsz: int, dm: int, n_units: int, T: int, device) -> int:
-    """How many segments to split the time axis of `pass_` ("fwd" or "bwd") into: enough that bsz * n_units
-    programs (n_units: channel blocks of the dm channels) times the segments make about SPLIT_PROGRAMS_PER_SM[pass_]
-    programs per SM, at least 1, at most MAX_SEGMENTS, and none shorter than 64 steps (forward) or BWD_BLOCK_T steps
-    (backward). 1 while the policy is 0."""
+    """How many segments to split the time axis of `pass_` ("fwd" or "bwd") into. 1 if the bsz * n_units programs
+    (n_units: channel blocks of the dm channels) are at least UNSPLIT_PROGRAMS_PER_SM per SM, or the policy is 0;
+    else enough segments for about SPLIT_PROGRAMS_PER_SM[pass_] programs per SM, at most MAX_SEGMENTS, and none
+    shorter than 64 steps (forward) or BWD_BLOCK_T steps (backward)."""
     if pass_ not in SPLIT_PROGRAMS_PER_SM:
         raise ValueError(f"pass_ must be one of {tuple(SPLIT_PROGRAMS_PER_SM)}, got {pass_!r}")
-    per_sm = SPLIT_PROGRAMS_PER_SM[pass_]
-    if not per_sm:
+    per_sm, sms = SPLIT_PROGRAMS_PER_SM[pass_], _sm_count(device)
+    if not per_sm or bsz * n_units >= UNSPLIT_PROGRAMS_PER_SM * sms:
         return 1
-    want = round(per_sm * _sm_count(device) / (bsz * n_units))
+    want = round(per_sm * sms / (bsz * n_units))
     return max(1, min(want, MAX_SEGMENTS, T // (64 if pass_ == "fwd" else BWD_BLOCK_T)))
 
 def _units(tuned, dm: int, block_d: int | None = None) -> int:
@@ -188,7 +201,7 @@ def _units(tuned, dm: int, block_d: int | None = None) -> int:
     kernel `tuned`: the policy's program count."""
     return triton.cdiv(dm, block_d or tuned.configs[0].kwargs["BLOCK_D"])
 
-def _scan_fwd(u, delta, A, B, C, D, h0, save: bool, block_t=None, block_d=None, num_warps: int = 4,
+def _scan_fwd(u, delta, A, B, C, D, h0, save: bool, block_t=None, block_d=None, num_warps: int = 1,
               segments: int | None = None):
     """Launch the forward (inputs already checked); returns y, h_T and, with `save`, the states entering each block
     of BWD_BLOCK_T steps and h_T after them, (batch, blocks + 1, D, N), for the backward. `segments` > 1 splits
@@ -236,7 +249,8 @@ def selective_scan_bwd_kernel(U, DELTA, A, B, C, DSKIP, G, GHT, ST, DU, DDT, DA,
                               SEG_T, NSEG, HAS_D: tl.constexpr, HAS_GHT: tl.constexpr, HAS_H0: tl.constexpr,
                               SPLIT: tl.constexpr, ACC: tl.constexpr,
                               BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program: one sequence, BLOCK_D channels and all N states, walking the blocks from the last to the first.
+    """One program: one sequence, BLOCK_D channels and all N states in (BLOCK_T, BLOCK_N, BLOCK_D) tiles, walking the
+    blocks from the last to the first.
     ST (batch, blocks + 1, D, N) holds the state entering each block (the forward kept it); lambda, the adjoint
     state, stays in registers from block to block as h does in the forward. DB and DC are (channel blocks, batch, T, N):
     each program writes its own partial sums over its channels (BTN = batch * T * N apart), summed afterwards.
@@ -245,36 +259,29 @@ def selective_scan_bwd_kernel(U, DELTA, A, B, C, DSKIP, G, GHT, ST, DU, DDT, DA,
     segment 0 writes dh0. Without SPLIT, CARRY, SEG_T and NSEG are unused."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d, mask_n = offs_d < DM, offs_n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    a = tl.load(A + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(ACC)
-    if ACC == tl.float32:
-        a2 = a * 1.4426950408889634
+    offs_d, offs_n, mask_d, mask_n, mask_nd, nd_off, a2 = _tile_setup(A, DM, N, ACC, BLOCK_D, BLOCK_N)
+    a = tl.load(A + nd_off, mask=mask_nd, other=0.0).to(ACC)                 # A itself, for dL/ddelta
+    if HAS_GHT:                                                              # lambda after the last step: dL/dh_T
+        lam = tl.load(GHT + pid_b * DM * N + nd_off, mask=mask_nd, other=0.0).to(ACC)
     else:
-        a2 = a
-    dn_off = offs_d[:, None] * N + offs_n[None, :]
-    if HAS_GHT:                                                          # lambda after the last step: dL/dh_T
-        lam = tl.load(GHT + pid_b * DM * N + dn_off, mask=mask_dn, other=0.0).to(ACC)
-    else:
-        lam = tl.zeros((BLOCK_D, BLOCK_N), dtype=ACC)
-    da_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=ACC)
+        lam = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
+    da_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
     if HAS_D:
         dskip = tl.load(DSKIP + offs_d, mask=mask_d, other=0.0).to(ACC)
         dd_acc = tl.zeros((BLOCK_D,), dtype=ACC)
     n_blocks = tl.cdiv(T, BLOCK_T)
     st_b = ST + pid_b * (n_blocks + 1) * DM * N
-    is_first = tl.arange(0, BLOCK_T) == 0
-    k_lo, k_hi, start_mask = 0, n_blocks, mask_dn
+    is_first = (tl.arange(0, BLOCK_T) == 0)[:, None, None]
+    is_last = (tl.arange(0, BLOCK_T) == BLOCK_T - 1)[:, None, None]
+    k_lo, k_hi, start_mask = 0, n_blocks, mask_nd
     if SPLIT:                          # segment s: its lambda from dL/dh_T through segments NSEG-1..s+1
         pid_s = tl.program_id(2)
         for jj in range(0, NSEG - 1 - pid_s):
-            c_off = (pid_b * NSEG + NSEG - 1 - jj) * 2 * DM * N + dn_off
-            lam = tl.load(CARRY + c_off, mask=mask_dn, other=0.0) * lam + tl.load(CARRY + c_off + DM * N, mask=mask_dn, other=0.0)
+            c_off = (pid_b * NSEG + NSEG - 1 - jj) * 2 * DM * N + nd_off
+            lam = tl.load(CARRY + c_off, mask=mask_nd, other=0.0) * lam + tl.load(CARRY + c_off + DM * N, mask=mask_nd, other=0.0)
         k_lo = pid_s * (SEG_T // BLOCK_T)
         k_hi = tl.minimum(k_lo + SEG_T // BLOCK_T, n_blocks)
-        start_mask = tl.where(pid_s == 0, mask_dn, False)                     # only the first segment reaches h0
+        start_mask = tl.where(pid_s == 0, mask_nd, False)                     # only the first segment reaches h0
     for kk in range(0, k_hi - k_lo):
         k = k_hi - 1 - kk
         offs_t = (k * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
@@ -290,50 +297,47 @@ def selective_scan_bwd_kernel(U, DELTA, A, B, C, DSKIP, G, GHT, ST, DU, DDT, DA,
         m_tn = mask_t[:, None] & mask_n[None, :]
         b = tl.load(B + bc_off, mask=m_tn, other=0.0).to(ACC)
         c = tl.load(C + bc_off, mask=m_tn, other=0.0).to(ACC)
-        h0 = tl.load(st_b + k * DM * N + dn_off, mask=mask_dn, other=0.0)   # the state entering the block
-        if ACC == tl.float32:
-            da = tl.exp2(dt[:, :, None] * a2[None, :, :])                    # a_t
-            da_next = tl.exp2(dtn[:, :, None] * a2[None, :, :])              # a_{t+1}
-        else:
-            da = tl.exp(dt[:, :, None] * a2[None, :, :])
-            da_next = tl.exp(dtn[:, :, None] * a2[None, :, :])
+        h0 = tl.load(st_b + k * DM * N + nd_off, mask=mask_nd, other=0.0)   # the state entering the block
+        da = _exp(dt[:, None, :] * a2[None, :, :], ACC)                      # a_t: (BLOCK_T, BLOCK_N, BLOCK_D)
+        da_next = _exp(dtn[:, None, :] * a2[None, :, :], ACC)                # a_{t+1}
         dtu = dt * u
-        x = dtu[:, :, None] * b[:, None, :]                                   # delta u B
-        pa, pb = tl.associative_scan((da, x), 0, _combine)
-        h = pa * h0[None, :, :] + pb                                          # h_t, recomputed
+        x = dtu[:, None, :] * b[:, :, None]                                  # delta u B
+        _, h = tl.associative_scan((da, tl.where(is_first, da * h0[None, :, :] + x, x)), 0, _combine)  # h_t, recomputed
         # lambda_t = C_t g_t + a_{t+1} lambda_{t+1}: the same combine, from the end of the block backwards
-        qa, qb = tl.associative_scan((da_next, g[:, :, None] * c[:, None, :]), 0, _combine, reverse=True)
-        lt = qb + qa * lam[None, :, :]
-        w = lt * (h - x)                                                      # lambda_t a_t h_{t-1}
-        s1 = tl.sum(lt * b[:, None, :], axis=2)                               # sum_n lambda B, (BLOCK_T, BLOCK_D)
+        gc = g[:, None, :] * c[:, :, None]
+        _, lt = tl.associative_scan((da_next, tl.where(is_last, da_next * lam[None, :, :] + gc, gc)), 0, _combine,
+                                    reverse=True)
+        w = lt * (h - x)                                                     # lambda_t a_t h_{t-1}
+        s1 = tl.sum(lt * b[:, :, None], axis=1)                              # sum_n lambda B, (BLOCK_T, BLOCK_D)
         du = s1 * dt
         if HAS_D:
             du += dskip[None, :] * g
             dd_acc += tl.sum(g * u, axis=0)
         tl.store(DU + x_off, du.to(DU.dtype.element_ty), mask=m_td)
-        tl.store(DDT + x_off, (s1 * u + tl.sum(w * a[None, :, :], axis=2)).to(DDT.dtype.element_ty), mask=m_td)
+        tl.store(DDT + x_off, (s1 * u + tl.sum(w * a[None, :, :], axis=1)).to(DDT.dtype.element_ty), mask=m_td)
         # sums over channels cross programs: each program stores its own partial sum (atomic adds from every
         # channel block to the same addresses serialise), the wrapper adds the partials up
-        tl.store(DB + pid_d.to(tl.int64) * BTN + bc_off, tl.sum(lt * dtu[:, :, None], axis=1), mask=m_tn)
-        tl.store(DC + pid_d.to(tl.int64) * BTN + bc_off, tl.sum(g[:, :, None] * h, axis=1), mask=m_tn)
-        da_acc += tl.sum(w * dt[:, :, None], axis=0)
-        lam = tl.sum(tl.where(is_first[:, None, None], lt, 0.0), axis=0)     # lambda at the block's first step
-    tl.atomic_add(DA + dn_off, da_acc, mask=mask_dn)
+        tl.store(DB + pid_d.to(tl.int64) * BTN + bc_off, tl.sum(lt * dtu[:, None, :], axis=2), mask=m_tn)
+        tl.store(DC + pid_d.to(tl.int64) * BTN + bc_off, tl.sum(g[:, None, :] * h, axis=2), mask=m_tn)
+        da_acc += tl.sum(w * dt[:, None, :], axis=0)
+        lam = tl.sum(tl.where(is_first, lt, -0.0), axis=0)                  # lambda at the block's first step
+    tl.atomic_add(DA + nd_off, da_acc, mask=mask_nd)
     if HAS_D:
         tl.atomic_add(DDSK + offs_d, dd_acc, mask=mask_d)
-    if HAS_H0:                                                                # dL/dh0 = a_0 lambda_0
+    if HAS_H0:                                                               # dL/dh0 = a_0 lambda_0
         dt0 = tl.load(DELTA + pid_b * T * DM + offs_d, mask=mask_d, other=0.0).to(ACC)
-        tl.store(DH0 + pid_b * DM * N + dn_off, tl.exp(dt0[:, None] * a) * lam, mask=start_mask)
+        tl.store(DH0 + pid_b * DM * N + nd_off, tl.exp(dt0[None, :] * a) * lam, mask=start_mask)
+
 
 # %% ../../nbs/10a_selective_scan.ipynb #cell-033d
 # the backward accumulates dA, dB, dC, dD with atomic adds: each autotuning trial starts them from zero
-_BWD_SHAPES = [(8, 1), (8, 2), (16, 1), (16, 2)]   # (BLOCK_D, warps) on a GPU: small programs, many of them
+_BWD_SHAPES = [(8, 1), (4, 1), (16, 1)]   # (BLOCK_D, warps) on a GPU: one-warp programs, many of them
 # (the carry pass of a split backward writes only its CARRY buffer and runs before this kernel: nothing to reset)
 _bwd_tuned = triton.autotune(configs=_configs_t(_BWD_SHAPES), key=["DM", "N", "ACC", "SPLIT", "NSEG"],
                              reset_to_zero=["DA", "DB", "DC", "DDSK"])(selective_scan_bwd_kernel)
 
 def selective_scan_triton_bwd(u, delta, A, B, C, D, h0, gy, ghT, states, *, block_d: int | None = None,
-                              num_warps: int = 4, segments: int | None = None):
+                              num_warps: int = 1, segments: int | None = None):
     """The Triton backward: gradients for output gradients gy (batch, T, D) and ghT (batch, D, N) or None, given
     `states` (batch, blocks + 1, D, N), what the forward kept (`_scan_fwd(..., save=True)`), blocks of BWD_BLOCK_T
     steps. Returns (du, ddelta, dA, dB, dC, dD, dh0) like `selective_scan_bwd`; `block_d` fixes the channel block.
@@ -433,33 +437,11 @@ def selective_scan(u, delta, A, B, C, D=None, h0=None, *, backend: str = "auto",
 
 # %% ../../nbs/10a_selective_scan.ipynb #cell-033h
 @triton.jit
-def _carry_setup(A, DM, N, ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """What both carry kernels start with, as the main kernels do: the (BLOCK_D, BLOCK_N) tile's offsets dn_off and
-    mask, and A in the exponent's base (times log2 e in float32, for exp2; padded lanes 0)."""
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d, mask_n = offs_d < DM, offs_n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    dn_off = offs_d[:, None] * N + offs_n[None, :]
-    a = tl.load(A + dn_off, mask=mask_dn, other=0.0).to(ACC)
-    if ACC == tl.float32:
-        a = a * 1.4426950408889634
-    return offs_d, offs_n, mask_d, mask_n, mask_dn, dn_off, a
-
-@triton.jit
-def _exp(x, ACC: tl.constexpr):
-    "e^x for an exponent formed with `_carry_setup`'s A: exp2 in float32, exp in float64."
-    if ACC == tl.float32:
-        return tl.exp2(x)
-    else:
-        return tl.exp(x)
-
-@triton.jit
-def _store_carry(CARRY, pid_b, seg, NSEG, DM, N, dn_off, mask_dn, m_a, m_b):
+def _store_carry(CARRY, pid_b, seg, NSEG, DM, N, nd_off, mask_nd, m_a, m_b):
     "Store the map x -> m_a x + m_b of segment `seg` of sequence `pid_b` into CARRY (batch, NSEG, 2, D, N)."
-    c_off = (pid_b * NSEG + seg) * 2 * DM * N + dn_off
-    tl.store(CARRY + c_off, m_a, mask=mask_dn)
-    tl.store(CARRY + c_off + DM * N, m_b, mask=mask_dn)
+    c_off = (pid_b * NSEG + seg) * 2 * DM * N + nd_off
+    tl.store(CARRY + c_off, m_a, mask=mask_nd)
+    tl.store(CARRY + c_off + DM * N, m_b, mask=mask_nd)
 
 @triton.jit
 def selective_scan_fwd_carry_kernel(U, DELTA, A, B, CARRY, T, DM, N, SEG_T, NSEG, ACC: tl.constexpr,
@@ -469,10 +451,11 @@ def selective_scan_fwd_carry_kernel(U, DELTA, A, B, CARRY, T, DM, N, SEG_T, NSEG
     CARRY (batch, NSEG, 2, D, N). The forward's walk without C, y and kept states; launched for segments 0..NSEG-2."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(2)
-    offs_d, offs_n, mask_d, mask_n, mask_dn, dn_off, a = _carry_setup(A, DM, N, ACC, BLOCK_D, BLOCK_N)
-    h = tl.zeros((BLOCK_D, BLOCK_N), dtype=ACC)
+    offs_d, offs_n, mask_d, mask_n, mask_nd, nd_off, a = _tile_setup(A, DM, N, ACC, BLOCK_D, BLOCK_N)
+    h = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
     dt_sum = tl.zeros((BLOCK_D,), dtype=ACC)
-    is_last = tl.arange(0, BLOCK_T) == BLOCK_T - 1
+    is_first = (tl.arange(0, BLOCK_T) == 0)[:, None, None]
+    is_last = (tl.arange(0, BLOCK_T) == BLOCK_T - 1)[:, None, None]
     t_lo = pid_s * SEG_T
     for t0 in range(t_lo, tl.minimum(t_lo + SEG_T, T), BLOCK_T):
         offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
@@ -483,11 +466,12 @@ def selective_scan_fwd_carry_kernel(U, DELTA, A, B, CARRY, T, DM, N, SEG_T, NSEG
         dt = tl.load(DELTA + x_off, mask=m_td, other=0.0).to(ACC)
         b = tl.load(B + pid_b * T * N + offs_t[:, None] * N + offs_n[None, :], mask=mask_t[:, None] & mask_n[None, :],
                     other=0.0).to(ACC)
-        pa, pb = tl.associative_scan((_exp(dt[:, :, None] * a[None, :, :], ACC), (dt * u)[:, :, None] * b[:, None, :]),
-                                     0, _combine)
-        h = tl.sum(tl.where(is_last[:, None, None], pa * h[None, :, :] + pb, 0.0), axis=0)
+        dA = _exp(dt[:, None, :] * a[None, :, :], ACC)
+        dBu = (dt * u)[:, None, :] * b[:, :, None]
+        _, hs = tl.associative_scan((dA, tl.where(is_first, dA * h[None, :, :] + dBu, dBu)), 0, _combine)
+        h = tl.sum(tl.where(is_last, hs, -0.0), axis=0)
         dt_sum += tl.sum(dt, axis=0)
-    _store_carry(CARRY, pid_b, pid_s, NSEG, DM, N, dn_off, mask_dn, _exp(dt_sum[:, None] * a, ACC), h)
+    _store_carry(CARRY, pid_b, pid_s, NSEG, DM, N, nd_off, mask_nd, _exp(dt_sum[None, :] * a, ACC), h)
 
 @triton.jit
 def selective_scan_bwd_carry_kernel(DELTA, A, C, G, CARRY, T, DM, N, SEG_T, NSEG, ACC: tl.constexpr,
@@ -498,10 +482,11 @@ def selective_scan_bwd_carry_kernel(DELTA, A, C, G, CARRY, T, DM, N, SEG_T, NSEG
     CARRY (batch, NSEG, 2, D, N). The backward's adjoint walk alone; launched for segments NSEG-1..1."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_s = NSEG - 1 - tl.program_id(2)
-    offs_d, offs_n, mask_d, mask_n, mask_dn, dn_off, a = _carry_setup(A, DM, N, ACC, BLOCK_D, BLOCK_N)
-    lam = tl.zeros((BLOCK_D, BLOCK_N), dtype=ACC)
+    offs_d, offs_n, mask_d, mask_n, mask_nd, nd_off, a = _tile_setup(A, DM, N, ACC, BLOCK_D, BLOCK_N)
+    lam = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
     dt_sum = tl.zeros((BLOCK_D,), dtype=ACC)
-    is_first = tl.arange(0, BLOCK_T) == 0
+    is_first = (tl.arange(0, BLOCK_T) == 0)[:, None, None]
+    is_last = (tl.arange(0, BLOCK_T) == BLOCK_T - 1)[:, None, None]
     k_lo = pid_s * (SEG_T // BLOCK_T)
     k_hi = tl.minimum(k_lo + SEG_T // BLOCK_T, tl.cdiv(T, BLOCK_T))
     for kk in range(0, k_hi - k_lo):
@@ -515,11 +500,13 @@ def selective_scan_bwd_carry_kernel(DELTA, A, C, G, CARRY, T, DM, N, SEG_T, NSEG
         c = tl.load(C + pid_b * T * N + offs_t[:, None] * N + offs_n[None, :], mask=mask_t[:, None] & mask_n[None, :],
                     other=0.0).to(ACC)
         # lambda_t = C_t g_t + a_{t+1} lambda_{t+1}, from the end of the block backwards, as in the backward kernel
-        qa, qb = tl.associative_scan((_exp(dtn[:, :, None] * a[None, :, :], ACC), g[:, :, None] * c[:, None, :]),
-                                     0, _combine, reverse=True)
-        lam = tl.sum(tl.where(is_first[:, None, None], qb + qa * lam[None, :, :], 0.0), axis=0)
+        da_next = _exp(dtn[:, None, :] * a[None, :, :], ACC)
+        gc = g[:, None, :] * c[:, :, None]
+        _, lt = tl.associative_scan((da_next, tl.where(is_last, da_next * lam[None, :, :] + gc, gc)), 0, _combine,
+                                    reverse=True)
+        lam = tl.sum(tl.where(is_first, lt, -0.0), axis=0)
         dt_sum += tl.sum(dtn, axis=0)
-    _store_carry(CARRY, pid_b, pid_s, NSEG, DM, N, dn_off, mask_dn, _exp(dt_sum[:, None] * a, ACC), lam)
+    _store_carry(CARRY, pid_b, pid_s, NSEG, DM, N, nd_off, mask_nd, _exp(dt_sum[None, :] * a, ACC), lam)
 
 # the carry passes write only CARRY, every time: autotuning them needs no reset
 _fwd_carry_tuned = triton.autotune(configs=_configs(), key=["DM", "N", "ACC", "NSEG"])(selective_scan_fwd_carry_kernel)
