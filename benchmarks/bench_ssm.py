@@ -154,7 +154,8 @@ def main():
            "triton": triton.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "commit": os.environ.get("TINYLAB_COMMIT", "unknown"), "script": "benchmarks/bench_ssm.py", "args": vars(args),
-           "bwd_block_t": ss.BWD_BLOCK_T, "split_programs_per_sm": dict(ss.SPLIT_PROGRAMS_PER_SM), "rows": [], "checks": [], "skipped": [], "errors": [], "phases": {}}
+           "bwd_block_t": ss.BWD_BLOCK_T, "split_programs_per_sm": dict(ss.SPLIT_PROGRAMS_PER_SM),
+           "unsplit_programs_per_sm": ss.UNSPLIT_PROGRAMS_PER_SM, "rows": [], "checks": [], "skipped": [], "errors": [], "phases": {}}
 
     def save():
         rec["seconds"] = elapsed()
