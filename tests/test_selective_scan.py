@@ -121,7 +121,7 @@ def _bad(kw, **changes):
     return {**kw, **changes}
 
 
-KW = ss.random_inputs(2, 9, 5, 3, with_h0=True)
+KW = ss.random_inputs(2, 9, 5, 3, with_h0=True, device=DEV)
 
 
 @pytest.mark.parametrize("fn", [ss.selective_scan_ref, ss.selective_scan_chunked, ss.selective_scan_triton, ss.selective_scan],
@@ -138,8 +138,8 @@ KW = ss.random_inputs(2, 9, 5, 3, with_h0=True)
     pytest.param(dict(A=KW["A"].bfloat16()), TypeError, "A must be torch.float32", id="A-dtype"),
     pytest.param(dict(h0=KW["h0"].double()), TypeError, "h0 must be torch.float32", id="h0-dtype"),
     pytest.param(dict(u=KW["u"].long(), delta=KW["delta"].long(), B=KW["B"].long(), C=KW["C"].long()), TypeError, "u must be float", id="u-int"),
-    pytest.param(dict(C=KW["C"].numpy()), TypeError, "C must be a torch.Tensor", id="C-numpy"),
-    pytest.param(dict(A=torch.zeros(5, 65)), ValueError, "state size N", id="N-too-large"),
+    pytest.param(dict(C=KW["C"].cpu().numpy()), TypeError, "C must be a torch.Tensor", id="C-numpy"),
+    pytest.param(dict(A=torch.zeros(5, 65, device=DEV)), ValueError, "state size N", id="N-too-large"),
     pytest.param(dict(delta=KW["delta"].to("meta")), ValueError, "delta is on meta", id="device"),
 ])
 def test_bad_inputs(fn, changes, exc, match):
@@ -240,7 +240,10 @@ def test_triton_backward_matches_reference_autograd(poison_empty, batch, T, D, N
     for name in kw:
         ref_g, tri_g = grads["ref"][name], grads["triton"][name]
         assert tri_g.dtype == ref_g.dtype and tri_g.shape == ref_g.shape, name
-        assert_close(f"grad {name}", ref_g, tri_g, BWD_TOL[dtype])
+        if not ref_g.any():   # exactly 0 (dA with one step and no h0: no earlier state); a GPU's rounding leaves ~1e-9
+            assert tri_g.abs().max() < 1e-6, (name, tri_g.abs().max().item())
+        else:
+            assert_close(f"grad {name}", ref_g, tri_g, BWD_TOL[dtype])
 
 
 def test_triton_backward_direct_call_and_kept_states(poison_empty):

@@ -170,10 +170,10 @@ def _check_triton(u, delta, A, B, C, D, h0, block_t=None, block_d=None):
     return dims
 
 # the split-in-time policy: a launch with fewer than UNSPLIT_PROGRAMS_PER_SM programs per SM is split into segments
-# enough for about SPLIT_PROGRAMS_PER_SM[pass] programs per SM (0: never split). From the H200 sweeps of 2026-12-01
-# (benchmarks/scan_split_sweep.py): at batch 4, D 1536 (six one-warp programs per SM) the carry pass costs more
-# than more programs gain; at batch 1 and 2 splitting to 16-32 programs per SM halves the time
-SPLIT_PROGRAMS_PER_SM = dict(fwd=32, bwd=16)
+# enough for about SPLIT_PROGRAMS_PER_SM[pass] programs per SM (0: never split). From the H200 sweep of 2026-12-01
+# (benchmarks/scan_split_sweep.py, "Where the split in time pays" below): at batch 4, D 1536 (six one-warp programs
+# per SM) the carry pass costs more than more programs gain; at batch 1 and 2 the split halves the time
+SPLIT_PROGRAMS_PER_SM = dict(fwd=16, bwd=32)
 UNSPLIT_PROGRAMS_PER_SM = 4
 MAX_SEGMENTS = 64          # each program first folds the maps of the segments before it: O(segments) loads
 
