@@ -116,8 +116,8 @@ def _configs():
     return [triton.Config({"BLOCK_T": bt, "BLOCK_D": bd}, num_warps=w) for bt, bd, w in shapes]
 
 # the block length of the backward; a forward that keeps states for it walks in blocks of the same length.
-# 8: the fastest of a sweep on the H200 (2026-11-30, with 8 channels and one warp a program, 0.5-0.6x the time
-# of 16 steps): the backward's many (steps, states, channels) tiles then stay in registers
+# 8: the fastest of a sweep on the H200 (2026-11-30, in the (steps, channels, states) tiles of then, with 8 channels
+# and one warp a program, 0.5-0.6x the time of 16 steps): the backward's many tiles then stay in registers
 BWD_BLOCK_T = 8
 
 def _configs_t(shapes):
@@ -172,7 +172,8 @@ def _check_triton(u, delta, A, B, C, D, h0, block_t=None, block_d=None):
 # the split-in-time policy: a launch with fewer than UNSPLIT_PROGRAMS_PER_SM programs per SM is split into segments
 # enough for about SPLIT_PROGRAMS_PER_SM[pass] programs per SM (0: never split). From the H200 sweep of 2026-12-01
 # (benchmarks/scan_split_sweep.py, "Where the split in time pays" below): at batch 4, D 1536 (six one-warp programs
-# per SM) the carry pass costs more than more programs gain; at batch 1 and 2 the split halves the time
+# per SM) the carry pass costs more than more programs gain; at batch 1 the split halves the time (batch 2: 0.4-0.9x).
+# The backward's 32 beat 16 by a hair (geometric means 0.72015 and 0.72017 of the unsplit time)
 SPLIT_PROGRAMS_PER_SM = dict(fwd=16, bwd=32)
 UNSPLIT_PROGRAMS_PER_SM = 4
 MAX_SEGMENTS = 64          # each program first folds the maps of the segments before it: O(segments) loads
