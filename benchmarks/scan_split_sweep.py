@@ -67,8 +67,8 @@ def main():
                         states = ss._scan_fwd(*args_, save=True)[2]
                         refs = {name: [x for x in fn() if x is not None] for name, fn in passes.items()}
                     for name, fn in passes.items():
-                        units = ss._units(ss._bwd_tuned if name == "bwd" else ss._fwd_save_tuned if "keeping" in name
-                                          else ss._fwd_tuned, d)
+                        units = (triton.cdiv(d, ss.BWD_BLOCK_D) if name == "bwd" else
+                                 ss._units(ss._fwd_save_tuned if "keeping" in name else ss._fwd_tuned, d))
                         segments = ss._segments("bwd" if name == "bwd" else "fwd", b, d, units, T, kw["u"].device)
                         if (name, segments) not in timed:
                             err = max(rel_err(o, r) for o, r in zip([x for x in fn() if x is not None], refs[name]))

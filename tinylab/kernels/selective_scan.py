@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 # %% auto #0
-__all__ = ['BWD_BLOCK_T', 'SPLIT_PROGRAMS_PER_SM', 'UNSPLIT_PROGRAMS_PER_SM', 'MAX_SEGMENTS', 'BACKENDS', 'selective_scan_fwd_kernel', 'selective_scan_triton', 'selective_scan_bwd_kernel', 'selective_scan_triton_bwd', 'SelectiveScanFn', 'selective_scan', 'selective_scan_fwd_carry_kernel', 'selective_scan_bwd_carry_kernel', 'selective_scan_ref', 'linear_scan', 'selective_scan_chunked', 'random_inputs', 'selective_scan_bwd']
+__all__ = ['BWD_BLOCK_T', 'SPLIT_PROGRAMS_PER_SM', 'UNSPLIT_PROGRAMS_PER_SM', 'MAX_SEGMENTS', 'BWD_BLOCK_D', 'DBC_SLOTS', 'BACKENDS', 'selective_scan_fwd_kernel', 'selective_scan_triton', 'selective_scan_bwd_kernel', 'selective_scan_triton_bwd', 'SelectiveScanFn', 'selective_scan', 'selective_scan_fwd_carry_kernel', 'selective_scan_bwd_carry_kernel', 'selective_scan_ref', 'linear_scan', 'selective_scan_chunked', 'random_inputs', 'selective_scan_bwd']
 
 # %% ../../nbs/10a_selective_scan.ipynb #cell-018
 @triton.jit
@@ -247,14 +247,15 @@ def selective_scan_triton(u, delta, A, B, C, D=None, h0=None, *, block_t: int | 
 # %% ../../nbs/10a_selective_scan.ipynb #cell-033b
 @triton.jit
 def selective_scan_bwd_kernel(U, DELTA, A, B, C, DSKIP, G, GHT, ST, DU, DDT, DA, DB, DC, DDSK, DH0, CARRY, T, DM, N, BTN,
-                              SEG_T, NSEG, HAS_D: tl.constexpr, HAS_GHT: tl.constexpr, HAS_H0: tl.constexpr,
+                              SLOTS, SEG_T, NSEG, HAS_D: tl.constexpr, HAS_GHT: tl.constexpr, HAS_H0: tl.constexpr,
                               SPLIT: tl.constexpr, ACC: tl.constexpr,
                               BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: one sequence, BLOCK_D channels and all N states in (BLOCK_T, BLOCK_N, BLOCK_D) tiles, walking the
     blocks from the last to the first.
     ST (batch, blocks + 1, D, N) holds the state entering each block (the forward kept it); lambda, the adjoint
-    state, stays in registers from block to block as h does in the forward. DB and DC are (channel blocks, batch, T, N):
-    each program writes its own partial sums over its channels (BTN = batch * T * N apart), summed afterwards.
+    state, stays in registers from block to block as h does in the forward. DB and DC are (SLOTS, batch, T, N), zeroed:
+    program (., d) adds its partial sums over its channels into slot d mod SLOTS (BTN = batch * T * N apart), and
+    the wrapper adds the slots up.
     With SPLIT program (b, d, s) walks only the blocks of segment s of NSEG (SEG_T steps, a multiple of BLOCK_T),
     entering with the lambda that the maps lam -> Q_a lam + Q_b of segments NSEG-1..s+1 in CARRY give from dL/dh_T;
     segment 0 writes dh0. Without SPLIT, CARRY, SEG_T and NSEG are unused."""
@@ -283,7 +284,8 @@ def selective_scan_bwd_kernel(U, DELTA, A, B, C, DSKIP, G, GHT, ST, DU, DDT, DA,
         k_lo = pid_s * (SEG_T // BLOCK_T)
         k_hi = tl.minimum(k_lo + SEG_T // BLOCK_T, n_blocks)
         start_mask = tl.where(pid_s == 0, mask_nd, False)                     # only the first segment reaches h0
-    for kk in range(0, k_hi - k_lo):
+    # num_stages=3: Triton issues the loads of the next blocks while this one computes (copies to shared memory)
+    for kk in tl.range(0, k_hi - k_lo, num_stages=3):
         k = k_hi - 1 - kk
         offs_t = (k * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
         mask_t = offs_t < T
@@ -316,10 +318,11 @@ def selective_scan_bwd_kernel(U, DELTA, A, B, C, DSKIP, G, GHT, ST, DU, DDT, DA,
             dd_acc += tl.sum(g * u, axis=0)
         tl.store(DU + x_off, du.to(DU.dtype.element_ty), mask=m_td)
         tl.store(DDT + x_off, (s1 * u + tl.sum(w * a[None, :, :], axis=1)).to(DDT.dtype.element_ty), mask=m_td)
-        # sums over channels cross programs: each program stores its own partial sum (atomic adds from every
-        # channel block to the same addresses serialise), the wrapper adds the partials up
-        tl.store(DB + pid_d.to(tl.int64) * BTN + bc_off, tl.sum(lt * dtu[:, None, :], axis=2), mask=m_tn)
-        tl.store(DC + pid_d.to(tl.int64) * BTN + bc_off, tl.sum(g[:, None, :] * h, axis=2), mask=m_tn)
+        # sums over channels cross programs: each adds its partial sum into one of SLOTS slots (atomic adds from
+        # every channel block to one address serialise; a slot per block is a buffer the wrapper reads back whole)
+        slot_off = (pid_d % SLOTS).to(tl.int64) * BTN + bc_off
+        tl.atomic_add(DB + slot_off, tl.sum(lt * dtu[:, None, :], axis=2), mask=m_tn, sem="relaxed")
+        tl.atomic_add(DC + slot_off, tl.sum(g[:, None, :] * h, axis=2), mask=m_tn, sem="relaxed")
         da_acc += tl.sum(w * dt[:, None, :], axis=0)
         lam = tl.sum(tl.where(is_first, lt, -0.0), axis=0)                  # lambda at the block's first step
     tl.atomic_add(DA + nd_off, da_acc, mask=mask_nd)
@@ -331,23 +334,26 @@ def selective_scan_bwd_kernel(U, DELTA, A, B, C, DSKIP, G, GHT, ST, DU, DDT, DA,
 
 
 # %% ../../nbs/10a_selective_scan.ipynb #cell-033d
-# the backward accumulates dA, dB, dC, dD with atomic adds: each autotuning trial starts them from zero
-_BWD_SHAPES = [(8, 1), (4, 1), (16, 1)]   # (BLOCK_D, warps) on a GPU: one-warp programs, many of them
-# (the carry pass of a split backward writes only its CARRY buffer and runs before this kernel: nothing to reset)
-_bwd_tuned = triton.autotune(configs=_configs_t(_BWD_SHAPES), key=["DM", "N", "ACC", "SPLIT", "NSEG"],
-                             reset_to_zero=["DA", "DB", "DC", "DDSK"])(selective_scan_bwd_kernel)
+# the backward's blocks: one warp, 8 channels a program. The H200 probes of 2026-12-01 timed 4, 8 and 16 channels
+# with fixed launches at five shapes: 8 was the fastest in both dtypes (the autotuner had picked 4 for bfloat16)
+BWD_BLOCK_D = 8
+# slots for the partial sums of dB and dC: 16 beat one slot per channel block (a 100 MB buffer per gradient at
+# batch 4, D 1536, T 2048) at four shapes of the same probes
+DBC_SLOTS = 16
 
 def selective_scan_triton_bwd(u, delta, A, B, C, D, h0, gy, ghT, states, *, block_d: int | None = None,
                               num_warps: int = 1, segments: int | None = None):
     """The Triton backward: gradients for output gradients gy (batch, T, D) and ghT (batch, D, N) or None, given
     `states` (batch, blocks + 1, D, N), what the forward kept (`_scan_fwd(..., save=True)`), blocks of BWD_BLOCK_T
-    steps. Returns (du, ddelta, dA, dB, dC, dD, dh0) like `selective_scan_bwd`; `block_d` fixes the channel block.
+    steps. Returns (du, ddelta, dA, dB, dC, dD, dh0) like `selective_scan_bwd`; `block_d`: channels a program
+    (None: BWD_BLOCK_D).
     `segments` (a positive int) splits the sequence into at most that many segments of whole blocks walked in
     parallel after a carry pass (the split in time); more than the blocks allow are clamped; None: as many as the
     policy `SPLIT_PROGRAMS_PER_SM` asks for."""
-    bsz, T, dm, n = _check_triton(u, delta, A, B, C, D, h0)
+    block_d = BWD_BLOCK_D if block_d is None else block_d
+    bsz, T, dm, n = _check_triton(u, delta, A, B, C, D, h0, BWD_BLOCK_T, block_d)
     if segments is None:
-        segments = _segments("bwd", bsz, dm, _units(_bwd_tuned, dm, block_d), T, u.device)
+        segments = _segments("bwd", bsz, dm, triton.cdiv(dm, block_d), T, u.device)
     seg_t, nseg = _split(T, segments, BWD_BLOCK_T)
     if gy.shape != u.shape or not gy.is_contiguous():
         raise ValueError(f"gy must be a contiguous tensor of u's shape {tuple(u.shape)}, got {tuple(gy.shape)}")
@@ -360,9 +366,8 @@ def selective_scan_triton_bwd(u, delta, A, B, C, D, h0, gy, ghT, states, *, bloc
     acc = _acc_dtype(u.dtype)
     du, ddt = torch.empty_like(u), torch.empty_like(delta)
     dA = torch.zeros(dm, n, device=u.device, dtype=acc)
-    # partial sums over channels, one slot per block of channels (as many as the smallest block can need)
-    min_bd = block_d if block_d is not None else min(c.kwargs["BLOCK_D"] for c in _bwd_tuned.configs)
-    dB = torch.zeros(triton.cdiv(dm, min_bd), bsz, T, n, device=u.device, dtype=acc)
+    slots = min(DBC_SLOTS, triton.cdiv(dm, block_d))             # partial sums over channels
+    dB = torch.zeros(slots, bsz, T, n, device=u.device, dtype=acc)
     dC = torch.zeros_like(dB)
     dD = torch.zeros(dm, device=u.device, dtype=acc) if D is not None else None
     dh0 = torch.empty(bsz, dm, n, device=u.device, dtype=acc) if h0 is not None else None
@@ -370,14 +375,14 @@ def selective_scan_triton_bwd(u, delta, A, B, C, D, h0, gy, ghT, states, *, bloc
     carry = dA
     if nseg > 1:   # the affine map of every segment but the first (the split in time, below)
         carry = torch.empty(bsz, nseg, 2, dm, n, device=u.device, dtype=acc)
-        _launch(selective_scan_bwd_carry_kernel, _bwd_carry_tuned, lambda bd: (bsz, triton.cdiv(dm, bd), nseg - 1),
-                (delta, A, C, gy, carry, T, dm, n, seg_t, nseg), flags, BWD_BLOCK_T, block_d, num_warps)
+        selective_scan_bwd_carry_kernel[(bsz, triton.cdiv(dm, block_d), nseg - 1)](
+            delta, A, C, gy, carry, T, dm, n, seg_t, nseg, **flags, BLOCK_T=BWD_BLOCK_T, BLOCK_D=block_d, num_warps=num_warps)
     args = (u, delta, A, B, C, D if D is not None else A, gy, ghT if ghT is not None else A, states,
             du, ddt, dA, dB, dC, dD if D is not None else dA, dh0 if h0 is not None else dA, carry, T, dm, n, bsz * T * n,
-            seg_t if nseg > 1 else 0, nseg)
+            slots, seg_t if nseg > 1 else 0, nseg)
     flags.update(HAS_D=D is not None, HAS_GHT=ghT is not None, HAS_H0=h0 is not None, SPLIT=nseg > 1)
-    _launch(selective_scan_bwd_kernel, _bwd_tuned, lambda bd: (bsz, triton.cdiv(dm, bd), nseg), args, flags,
-            BWD_BLOCK_T, block_d, num_warps)
+    selective_scan_bwd_kernel[(bsz, triton.cdiv(dm, block_d), nseg)](*args, **flags, BLOCK_T=BWD_BLOCK_T, BLOCK_D=block_d,
+                                                                   num_warps=num_warps)
     return du, ddt, dA, dB.sum(0).to(B.dtype), dC.sum(0).to(C.dtype), dD, dh0
 
 
@@ -511,7 +516,7 @@ def selective_scan_bwd_carry_kernel(DELTA, A, C, G, CARRY, T, DM, N, SEG_T, NSEG
 
 # the carry passes write only CARRY, every time: autotuning them needs no reset
 _fwd_carry_tuned = triton.autotune(configs=_configs(), key=["DM", "N", "ACC", "NSEG"])(selective_scan_fwd_carry_kernel)
-_bwd_carry_tuned = triton.autotune(configs=_configs_t(_BWD_SHAPES), key=["DM", "N", "ACC", "NSEG"])(selective_scan_bwd_carry_kernel)
+
 
 # %% ../../nbs/10a_selective_scan.ipynb #cell-009
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
