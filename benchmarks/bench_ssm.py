@@ -349,7 +349,8 @@ def main():
     rec["phases"]["part 2 (lengths)"] = time.perf_counter() - t_part
     rec["autotune"] = {name: {str(k): str(v) for k, v in tuned.cache.items()}
                        for name, tuned in (("fwd", ss._fwd_tuned), ("fwd, keeping states", ss._fwd_save_tuned))}
-    rec["autotune"]["bwd"] = f"fixed: BLOCK_D {ss.BWD_BLOCK_D}, one warp, {ss.DBC_SLOTS} slots for dB and dC"
+    rec["autotune"]["bwd"] = (f"fixed: BLOCK_D {ss.BWD_BLOCK_D}, one warp, {ss.DBC_SLOTS} slots for dB and dC, "
+                              "summed over channels by the reduce-scatter where `_scatter` allows")
     for p in builds.values():
         if p.poll() is None:
             p.kill()

@@ -2,6 +2,7 @@
 gradients of the autograd Function, and bad inputs. Triton runs in its interpreter on a CPU (~1 ms per scanned
 element), so the Triton shapes are small but never multiples of the blocks."""
 import json
+import types
 
 import pytest
 import torch
@@ -244,6 +245,17 @@ def test_triton_backward_matches_reference_autograd(poison_empty, batch, T, D, N
             assert tri_g.abs().max() < 1e-6, (name, tri_g.abs().max().item())
         else:
             assert_close(f"grad {name}", ref_g, tri_g, BWD_TOL[dtype])
+
+
+def test_scatter_only_where_its_lanes_hold(monkeypatch):
+    "dB, dC are reduce-scattered (PTX) on a GPU, one warp, 8 channels and 4 or more states a tile; else tl.sum sums them."
+    gpu, cpu = types.SimpleNamespace(is_cuda=True), types.SimpleNamespace(is_cuda=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert ss._scatter(gpu, 8, 1, 16) and ss._scatter(gpu, 8, 1, 3)          # 3 states: a tile of 4
+    assert not any(ss._scatter(gpu, bd, w, n) for bd, w, n in ((8, 1, 2), (16, 1, 16), (4, 1, 16), (8, 2, 16)))
+    assert not ss._scatter(cpu, 8, 1, 16)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")                             # the interpreter cannot run PTX
+    assert not ss._scatter(gpu, 8, 1, 16)
 
 
 def test_triton_backward_direct_call_and_kept_states(poison_empty):

@@ -244,18 +244,64 @@ def selective_scan_triton(u, delta, A, B, C, D=None, h0=None, *, block_t: int | 
     y, hT, _ = _scan_fwd(u, delta, A, B, C, D, h0, save=False, block_t=block_t, block_d=block_d, segments=segments)
     return y, hT
 
+# %% ../../nbs/10a_selective_scan.ipynb #cell-033rs
+# Lanes that differ in lane bit MASK swap halves and add: the lane whose `bit` is set sends its lo and keeps its hi
+_PAIR_SUM = """{
+.reg .pred p;
+.reg .b32 send, keep, got;
+setp.ne.u32 p, $3, 0;
+selp.b32 send, $1, $2, p;
+selp.b32 keep, $2, $1, p;
+shfl.sync.bfly.b32 got, send, MASK, 0x1f, 0xffffffff;
+add.f32 $0, keep, got;
+}"""
+_PAIR_SUM_4, _PAIR_SUM_2, _PAIR_SUM_1 = (tl.constexpr(_PAIR_SUM.replace("MASK", m)) for m in "421")
+
+@triton.jit
+def _pair_sum(lo, hi, bit, MASK: tl.constexpr):
+    """One round of the reduce-scatter, elementwise over (N, D) tiles whose channel d sits in lane bits 0-2: where
+    `bit` (d & MASK) is set, hi + the partner's hi; at the partner (lane MASK away), lo + this lane's lo."""
+    b = tl.zeros(lo.shape, tl.int32) + bit
+    if MASK == 4:
+        r = tl.inline_asm_elementwise(_PAIR_SUM_4, "=f,f,f,r", [lo, hi, b], dtype=tl.float32, is_pure=True, pack=1)
+    elif MASK == 2:
+        r = tl.inline_asm_elementwise(_PAIR_SUM_2, "=f,f,f,r", [lo, hi, b], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        r = tl.inline_asm_elementwise(_PAIR_SUM_1, "=f,f,f,r", [lo, hi, b], dtype=tl.float32, is_pure=True, pack=1)
+    return r
+
+@triton.jit
+def _row(x, i: tl.constexpr):
+    "Row i of a (T, N, D) tile as (N, D): the steps are in each lane's registers, so the adds of -0.0 fold away."
+    return tl.sum(tl.where((tl.arange(0, x.shape[0]) == i)[:, None, None], x, -0.0), axis=0)
+
+@triton.jit
+def _reduce_scatter_channels(x):
+    """x (8 steps, N, 8 channels), float32, in one warp: the sums over the channels, as (N, 8) whose column d holds
+    step d's sums (lane d's, once each). Three rounds: 16, 8 and 4 shuffles a lane where `tl.sum` takes 96."""
+    d = tl.arange(0, x.shape[2])[None, :]
+    y0 = _pair_sum(_row(x, 0), _row(x, 4), d & 4, 4)        # lanes with bit 2 set keep steps 4-7
+    y1 = _pair_sum(_row(x, 1), _row(x, 5), d & 4, 4)
+    y2 = _pair_sum(_row(x, 2), _row(x, 6), d & 4, 4)
+    y3 = _pair_sum(_row(x, 3), _row(x, 7), d & 4, 4)
+    z0 = _pair_sum(y0, y2, d & 2, 2)                        # bit 1 picks the odd pair of those
+    z1 = _pair_sum(y1, y3, d & 2, 2)
+    return _pair_sum(z0, z1, d & 1, 1)                      # bit 0: step d
+
+
 # %% ../../nbs/10a_selective_scan.ipynb #cell-033b
 @triton.jit
 def selective_scan_bwd_kernel(U, DELTA, A, B, C, DSKIP, G, GHT, ST, DU, DDT, DA, DB, DC, DDSK, DH0, CARRY, T, DM, N, BTN,
                               SLOTS, SEG_T, NSEG, HAS_D: tl.constexpr, HAS_GHT: tl.constexpr, HAS_H0: tl.constexpr,
-                              SPLIT: tl.constexpr, ACC: tl.constexpr,
+                              SPLIT: tl.constexpr, ACC: tl.constexpr, SCATTER: tl.constexpr,
                               BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: one sequence, BLOCK_D channels and all N states in (BLOCK_T, BLOCK_N, BLOCK_D) tiles, walking the
     blocks from the last to the first.
     ST (batch, blocks + 1, D, N) holds the state entering each block (the forward kept it); lambda, the adjoint
     state, stays in registers from block to block as h does in the forward. DB and DC are (SLOTS, batch, T, N), zeroed:
     program (., d) adds its partial sums over its channels into slot d mod SLOTS (BTN = batch * T * N apart), and
-    the wrapper adds the slots up.
+    the wrapper adds the slots up. With SCATTER (BLOCK_T = BLOCK_D = 8, one warp, on a GPU) the sums over the
+    channels are reduce-scattered (`_reduce_scatter_channels`), else summed by `tl.sum`.
     With SPLIT program (b, d, s) walks only the blocks of segment s of NSEG (SEG_T steps, a multiple of BLOCK_T),
     entering with the lambda that the maps lam -> Q_a lam + Q_b of segments NSEG-1..s+1 in CARRY give from dL/dh_T;
     segment 0 writes dh0. Without SPLIT, CARRY, SEG_T and NSEG are unused."""
@@ -320,9 +366,17 @@ def selective_scan_bwd_kernel(U, DELTA, A, B, C, DSKIP, G, GHT, ST, DU, DDT, DA,
         tl.store(DDT + x_off, (s1 * u + tl.sum(w * a[None, :, :], axis=1)).to(DDT.dtype.element_ty), mask=m_td)
         # sums over channels cross programs: each adds its partial sum into one of SLOTS slots (atomic adds from
         # every channel block to one address serialise; a slot per block is a buffer the wrapper reads back whole)
-        slot_off = (pid_d % SLOTS).to(tl.int64) * BTN + bc_off
-        tl.atomic_add(DB + slot_off, tl.sum(lt * dtu[:, None, :], axis=2), mask=m_tn, sem="relaxed")
-        tl.atomic_add(DC + slot_off, tl.sum(g[:, None, :] * h, axis=2), mask=m_tn, sem="relaxed")
+        if SCATTER:                                                          # column d: step k BLOCK_T + d
+            t_d = k * BLOCK_T + tl.arange(0, BLOCK_D)
+            nd_slot = ((pid_d % SLOTS).to(tl.int64) * BTN + pid_b * T * N + t_d.to(tl.int64)[None, :] * N
+                       + offs_n[:, None])
+            m_nd = (t_d < T)[None, :] & mask_n[:, None]
+            tl.atomic_add(DB + nd_slot, _reduce_scatter_channels(lt * dtu[:, None, :]), mask=m_nd, sem="relaxed")
+            tl.atomic_add(DC + nd_slot, _reduce_scatter_channels(g[:, None, :] * h), mask=m_nd, sem="relaxed")
+        else:
+            slot_off = (pid_d % SLOTS).to(tl.int64) * BTN + bc_off
+            tl.atomic_add(DB + slot_off, tl.sum(lt * dtu[:, None, :], axis=2), mask=m_tn, sem="relaxed")
+            tl.atomic_add(DC + slot_off, tl.sum(g[:, None, :] * h, axis=2), mask=m_tn, sem="relaxed")
         da_acc += tl.sum(w * dt[:, None, :], axis=0)
         lam = tl.sum(tl.where(is_first, lt, -0.0), axis=0)                  # lambda at the block's first step
     tl.atomic_add(DA + nd_off, da_acc, mask=mask_nd)
@@ -340,6 +394,12 @@ BWD_BLOCK_D = 8
 # slots for the partial sums of dB and dC: 16 beat one slot per channel block (a 100 MB buffer per gradient at
 # batch 4, D 1536, T 2048) at four shapes of the same probes
 DBC_SLOTS = 16
+
+def _scatter(u, block_d: int, num_warps: int, n: int) -> bool:
+    """Whether the backward reduce-scatters dB and dC over channels: PTX runs on a GPU, not in the interpreter, and
+    its lane arithmetic holds for tiles of 8 steps x (4 or more) states x 8 channels in one warp."""
+    return (u.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" and BWD_BLOCK_T == 8 and block_d == 8
+            and num_warps == 1 and triton.next_power_of_2(n) >= 4)
 
 def selective_scan_triton_bwd(u, delta, A, B, C, D, h0, gy, ghT, states, *, block_d: int | None = None,
                               num_warps: int = 1, segments: int | None = None):
@@ -380,7 +440,8 @@ def selective_scan_triton_bwd(u, delta, A, B, C, D, h0, gy, ghT, states, *, bloc
     args = (u, delta, A, B, C, D if D is not None else A, gy, ghT if ghT is not None else A, states,
             du, ddt, dA, dB, dC, dD if D is not None else dA, dh0 if h0 is not None else dA, carry, T, dm, n, bsz * T * n,
             slots, seg_t if nseg > 1 else 0, nseg)
-    flags.update(HAS_D=D is not None, HAS_GHT=ghT is not None, HAS_H0=h0 is not None, SPLIT=nseg > 1)
+    flags.update(HAS_D=D is not None, HAS_GHT=ghT is not None, HAS_H0=h0 is not None, SPLIT=nseg > 1,
+                 SCATTER=_scatter(u, block_d, num_warps, n))
     selective_scan_bwd_kernel[(bsz, triton.cdiv(dm, block_d), nseg)](*args, **flags, BLOCK_T=BWD_BLOCK_T, BLOCK_D=block_d,
                                                                    num_warps=num_warps)
     return du, ddt, dA, dB.sum(0).to(B.dtype), dC.sum(0).to(C.dtype), dD, dh0
