@@ -248,10 +248,12 @@ def test_triton_backward_matches_reference_autograd(poison_empty, batch, T, D, N
 
 
 def test_scatter_only_where_its_lanes_hold(monkeypatch):
-    "dB, dC are reduce-scattered (PTX) on a GPU, one warp, 8 channels and 4 or more states a tile; else tl.sum sums them."
-    gpu, cpu = types.SimpleNamespace(is_cuda=True), types.SimpleNamespace(is_cuda=False)
+    "dB, dC are reduce-scattered (float32 PTX) on a GPU, one warp, 8 channels and 4 or more states a tile; else tl.sum."
+    gpu, cpu = (types.SimpleNamespace(is_cuda=on, dtype=torch.float32) for on in (True, False))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert ss._scatter(gpu, 8, 1, 16) and ss._scatter(gpu, 8, 1, 3)          # 3 states: a tile of 4
+    assert ss._scatter(types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16), 8, 1, 16)   # float32 sums
+    assert not ss._scatter(types.SimpleNamespace(is_cuda=True, dtype=torch.float64), 8, 1, 16)
     assert not any(ss._scatter(gpu, bd, w, n) for bd, w, n in ((8, 1, 2), (16, 1, 16), (4, 1, 16), (8, 2, 16)))
     assert not ss._scatter(cpu, 8, 1, 16)
     monkeypatch.setenv("TRITON_INTERPRET", "1")                             # the interpreter cannot run PTX

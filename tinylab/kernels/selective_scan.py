@@ -396,10 +396,11 @@ BWD_BLOCK_D = 8
 DBC_SLOTS = 16
 
 def _scatter(u, block_d: int, num_warps: int, n: int) -> bool:
-    """Whether the backward reduce-scatters dB and dC over channels: PTX runs on a GPU, not in the interpreter, and
-    its lane arithmetic holds for tiles of 8 steps x (4 or more) states x 8 channels in one warp."""
-    return (u.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" and BWD_BLOCK_T == 8 and block_d == 8
-            and num_warps == 1 and triton.next_power_of_2(n) >= 4)
+    """Whether the backward reduce-scatters dB and dC over channels: PTX runs on a GPU, not in the interpreter, its
+    adds are float32 (float64 inputs keep tl.sum), and its lane arithmetic holds for tiles of 8 steps x (4 or more)
+    states x 8 channels in one warp."""
+    return (u.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" and _acc_dtype(u.dtype) == torch.float32
+            and BWD_BLOCK_T == 8 and block_d == 8 and num_warps == 1 and triton.next_power_of_2(n) >= 4)
 
 def selective_scan_triton_bwd(u, delta, A, B, C, D, h0, gy, ghT, states, *, block_d: int | None = None,
                               num_warps: int = 1, segments: int | None = None):
