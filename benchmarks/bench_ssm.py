@@ -1,7 +1,7 @@
 """GPU benchmark of the selective scan (kernel page nbs/10a_selective_scan.ipynb, chapter nbs/10_ssm.ipynb).
 
 Part 1, the anchor shape (batch 4, D 1536, N 16, T 2048; B and C shared by the channels, no z, no softplus), float32
-and bfloat16, in one run: the forward of our Triton kernel (autotuned), mamba-ssm's
+and bfloat16, in one run: the forward of our Triton kernel (blocks `FWD_BLOCKS`), mamba-ssm's
 CUDA `selective_scan` (built from source, .baselines/), the chunked and sequential PyTorch references; the backward
 of our Triton kernel, mamba-ssm's CUDA backward and the chunked PyTorch backward; a training step (forward + backward)
 through `selective_scan`'s autograd Function. Part 2 (as the time budget allows): the forward at batch 2, D 1024,
@@ -91,7 +91,7 @@ def mamba_layout(u, delta, B, C, g=None):
 
 
 def ncu_target(target):
-    "Child of --ncu: autotune first (not profiled), then one profiled launch of our forward or backward."
+    "Child of --ncu: compile first (not profiled), then one profiled launch of our forward or backward."
     direction, dtype = target.split(":")
     kw = ss.random_inputs(4, 2048, 1536, 16, dtype=getattr(torch, dtype), device=DEV, seed=1)
     if direction == "fwd":
@@ -347,10 +347,9 @@ def main():
             if DEV == "cuda":
                 torch.cuda.empty_cache()
     rec["phases"]["part 2 (lengths)"] = time.perf_counter() - t_part
-    rec["autotune"] = {name: {str(k): str(v) for k, v in tuned.cache.items()}
-                       for name, tuned in (("fwd", ss._fwd_tuned), ("fwd, keeping states", ss._fwd_save_tuned))}
-    rec["autotune"]["bwd"] = (f"fixed: BLOCK_D {ss.BWD_BLOCK_D}, one warp, {ss.DBC_SLOTS} slots for dB and dC, "
-                              "summed over channels by the reduce-scatter where `_scatter` allows")
+    rec["blocks"] = {"fwd": {k: list(v) for k, v in ss.FWD_BLOCKS.items()},
+                     "bwd": (f"fixed: BLOCK_D {ss.BWD_BLOCK_D}, one warp, {ss.DBC_SLOTS} slots for dB and dC, "
+                             "summed over channels by the reduce-scatter where `_scatter` allows")}
     for p in builds.values():
         if p.poll() is None:
             p.kill()

@@ -1,6 +1,6 @@
 """How much of the selective scan forward's time at small shapes is the host's (nbs/10a_selective_scan.ipynb, "On an
-H200"): for our forward (autotuned, the split policy on) and mamba-ssm's CUDA forward, `triton.testing.do_bench` of one
-call as a user makes it against the GPU time of the same call replayed from a CUDA graph (no launch or Python cost).
+H200"): for our forward (default blocks, the split policy on) and mamba-ssm's CUDA forward, `triton.testing.do_bench` of
+one call as a user makes it against the GPU time of the same call replayed from a CUDA graph (no launch or Python cost).
 Needs a GPU and mamba-ssm's build (.baselines/mamba_ss_bwd, see benchmarks/prep_mamba_ss_bwd.sh).
 Usage: PYTHONPATH=. python3 benchmarks/scan_host_time.py OUT.json"""
 import datetime
@@ -37,7 +37,7 @@ def main(out):
             row = dict(batch=b, T=T, D=D, dtype=str(dtype)[6:],
                        ours_bench=triton.testing.do_bench(ours, return_mode="median"), ours_graph=cuda_graph_ms(ours),
                        mamba_bench=triton.testing.do_bench(mamba, return_mode="median"), mamba_graph=cuda_graph_ms(mamba),
-                       segments=ss._segments("fwd", b, D, ss._units(ss._fwd_tuned, D), T, kw["u"].device))
+                       segments=ss._fwd_plan(b, D, T, False, kw["u"].device)[2])
             rows.append(row)
             print(row, flush=True)
     rec = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,

@@ -6,9 +6,9 @@ For each policy value (programs per SM the split aims for; 0 = no split), with t
 (D 1536, N 16, T 2048, the anchor shape of `bench_ssm.py`) and batch 2 (D 1024, T 4096), in float32 and bfloat16:
 the forward, the forward that keeps states for the backward, and the backward. A segment count already timed for a
 case is not timed again. Each split result is first checked against the unsplit one (no timing on a red gate).
-Times are medians of `triton.testing.do_bench`, autotuned blocks. It then picks, per pass, the value (threshold as
-shipped) with the least worst (time / unsplit time) over the cases, then the least geometric mean, and writes
-everything as JSON; `bench_ssm.py --split-fwd F --split-bwd B` times the chosen policy beside mamba-ssm.
+Times are medians of `triton.testing.do_bench`, default blocks (`FWD_BLOCKS`; autotuned before 2026-12-02). It then
+picks, per pass, the value (threshold as shipped) with the least worst (time / unsplit time) over the cases, then the
+least geometric mean, and writes everything as JSON; `bench_ssm.py --split-fwd F --split-bwd B` times the chosen policy beside mamba-ssm.
 Usage: PYTHONPATH=. python3 benchmarks/scan_split_sweep.py --out sweep.json [--smoke (CPU interpreter)]"""
 import argparse
 import datetime
@@ -67,9 +67,10 @@ def main():
                         states = ss._scan_fwd(*args_, save=True)[2]
                         refs = {name: [x for x in fn() if x is not None] for name, fn in passes.items()}
                     for name, fn in passes.items():
-                        units = (triton.cdiv(d, ss.BWD_BLOCK_D) if name == "bwd" else
-                                 ss._units(ss._fwd_save_tuned if "keeping" in name else ss._fwd_tuned, d))
-                        segments = ss._segments("bwd" if name == "bwd" else "fwd", b, d, units, T, kw["u"].device)
+                        if name == "bwd":
+                            segments = ss._segments("bwd", b, d, triton.cdiv(d, ss.BWD_BLOCK_D), T, kw["u"].device)
+                        else:
+                            segments = ss._fwd_plan(b, d, T, "keeping" in name, kw["u"].device)[2]
                         if (name, segments) not in timed:
                             err = max(rel_err(o, r) for o, r in zip([x for x in fn() if x is not None], refs[name]))
                             ok = err < (tol if name != "bwd" else 10 * tol)

@@ -311,8 +311,8 @@ def test_benchmark_smoke(tmp_path):
 
 
 # ---- the split in time: segments walked by their own programs after a carry pass equal one walk. Segments are a
-# multiple of 8 steps in the interpreter (64 on a GPU), so T = 21, 37 with 2..5 segments give 2 or 3 segments, the
-# last one short; asking for more than the sequence allows is clamped.
+# multiple of the split blocks' 8 steps, so T = 21, 37 with 2..5 segments give 2 or 3 segments, the last one short;
+# asking for more than the sequence allows is clamped.
 SPLIT_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 
 
@@ -328,8 +328,8 @@ def _nseg(T, segments, step):
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
 def test_split_forward_equals_one_walk(poison_empty, batch, T, D, N, segments, nseg, with_D, with_h0, save, dtype):
-    T *= ss._FWD_SEG_STEP // 8                 # the same segments on a GPU, whose forward segments are 64 steps
-    assert _nseg(T, segments, ss._FWD_SEG_STEP) == nseg
+    step = ss.FWD_BLOCKS["split"][0]
+    assert step == ss.FWD_BLOCKS["save"][0] == 8 and _nseg(T, segments, step) == nseg
     kw = ss.random_inputs(batch, T, D, N, dtype=dtype, device=DEV, with_D=with_D, with_h0=with_h0, seed=T + segments)
     one = ss._scan_fwd(*kw.values(), save=save, segments=1)
     split = ss._scan_fwd(*kw.values(), save=save, segments=segments)
@@ -348,8 +348,8 @@ def test_split_forward_fixed_blocks_and_public_api(poison_empty):
         assert_close("y", ref_y, y, 1e-5)
         assert_close("h_T", ref_h, h, 1e-5)
     y, h = ss.selective_scan_triton(**kw, segments=3)
-    assert_close("y (autotuned)", ref_y, y, 1e-5)
-    assert_close("h_T (autotuned)", ref_h, h, 1e-5)
+    assert_close("y (default blocks)", ref_y, y, 1e-5)
+    assert_close("h_T (default blocks)", ref_h, h, 1e-5)
 
 
 @pytest.mark.parametrize("batch,T,D,N,segments,with_D,with_h0,with_ghT", [
@@ -411,6 +411,27 @@ def test_segments_policy(monkeypatch, pass_, per_sm, bsz, n_units, T, want):
     monkeypatch.setattr(ss, "_sm_count", lambda device: 132)
     monkeypatch.setitem(ss.SPLIT_PROGRAMS_PER_SM, pass_, per_sm)
     assert ss._segments(pass_, bsz, 1536, n_units, T, torch.device(DEV)) == want
+
+
+@pytest.mark.parametrize("bsz,dm,T,save,segments,want", [
+    pytest.param(4, 1536, 2048, False, None, (32, 8, 1), id="whole"),              # 768 programs >= 4 per SM x 132
+    pytest.param(2, 1024, 4096, False, None, (8, 32, 33), id="split"),             # 16 x 132 / 64 programs of 32 channels
+    pytest.param(2, 1024, 1024, False, None, (8, 32, 16), id="split-min-64-steps"),  # 1024 // 64
+    pytest.param(2, 1024, 4096, False, 1, (32, 8, 1), id="asked-whole"),
+    pytest.param(4, 1536, 2048, False, 5, (8, 32, 5), id="asked-split"),
+    pytest.param(4, 1536, 2048, True, None, (8, 32, 11), id="save"),               # 16 x 132 / 192 programs
+])
+def test_forward_plan(monkeypatch, bsz, dm, T, save, segments, want):
+    "The forward's default launch: FWD_BLOCKS' whole blocks where the policy leaves it whole, else its split blocks."
+    monkeypatch.setattr(ss, "_sm_count", lambda device: 132)
+    monkeypatch.setitem(ss.SPLIT_PROGRAMS_PER_SM, "fwd", 16)
+    assert ss._fwd_plan(bsz, dm, T, save, torch.device(DEV), segments) == want
+
+
+def test_forward_plan_in_the_interpreter():
+    "With no SMs to fill (a CPU) nothing is split by policy: the whole blocks, and the save blocks in one segment."
+    assert ss._fwd_plan(2, 1024, 4096, False, torch.device("cpu")) == (*ss.FWD_BLOCKS["whole"], 1)
+    assert ss._fwd_plan(2, 1024, 4096, True, torch.device("cpu")) == (*ss.FWD_BLOCKS["save"], 1)
 
 
 def test_segments_policy_off_is_one_split(monkeypatch):

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 # %% auto #0
-__all__ = ['BWD_BLOCK_T', 'SPLIT_PROGRAMS_PER_SM', 'UNSPLIT_PROGRAMS_PER_SM', 'MAX_SEGMENTS', 'BWD_BLOCK_D', 'DBC_SLOTS', 'BACKENDS', 'selective_scan_fwd_kernel', 'selective_scan_triton', 'selective_scan_bwd_kernel', 'selective_scan_triton_bwd', 'SelectiveScanFn', 'selective_scan', 'selective_scan_fwd_carry_kernel', 'selective_scan_bwd_carry_kernel', 'selective_scan_ref', 'linear_scan', 'selective_scan_chunked', 'random_inputs', 'selective_scan_bwd']
+__all__ = ['BWD_BLOCK_T', 'FWD_BLOCKS', 'SPLIT_PROGRAMS_PER_SM', 'UNSPLIT_PROGRAMS_PER_SM', 'MAX_SEGMENTS', 'BWD_BLOCK_D', 'DBC_SLOTS', 'BACKENDS', 'selective_scan_fwd_kernel', 'selective_scan_triton', 'selective_scan_bwd_kernel', 'selective_scan_triton_bwd', 'SelectiveScanFn', 'selective_scan', 'selective_scan_fwd_carry_kernel', 'selective_scan_bwd_carry_kernel', 'selective_scan_ref', 'linear_scan', 'selective_scan_chunked', 'random_inputs', 'selective_scan_bwd']
 
 # %% ../../nbs/10a_selective_scan.ipynb #cell-018
 @triton.jit
@@ -106,48 +106,30 @@ def selective_scan_fwd_kernel(U, DELTA, A, B, C, DSKIP, H0, Y, HT, ST, CARRY, T,
 
 
 # %% ../../nbs/10a_selective_scan.ipynb #cell-028
-def _configs():
-    "Block sizes (BLOCK_T, BLOCK_D, warps) to autotune the forward over on a GPU; one small one for the CPU interpreter."
-    if torch.cuda.is_available():
-        # the fastest of a sweep on the H200 (2026-12-01) over blocks and segments: one warp, 8-32 channels a program
-        shapes = [(32, 8, 1), (16, 8, 1), (8, 16, 1), (8, 32, 1)]
-    else:
-        shapes = [(8, 8, 1)]
-    return [triton.Config({"BLOCK_T": bt, "BLOCK_D": bd}, num_warps=w) for bt, bd, w in shapes]
-
 # the block length of the backward; a forward that keeps states for it walks in blocks of the same length.
 # 8: the fastest of a sweep on the H200 (2026-11-30, in the (steps, channels, states) tiles of then, with 8 channels
 # and one warp a program, 0.5-0.6x the time of 16 steps): the backward's many tiles then stay in registers
 BWD_BLOCK_T = 8
 
-def _configs_t(shapes):
-    "Configurations with BLOCK_T = BWD_BLOCK_T: (BLOCK_D, warps) on a GPU, one small one for the interpreter."
-    shapes = shapes if torch.cuda.is_available() else [(8, 1)]
-    return [triton.Config({"BLOCK_T": BWD_BLOCK_T, "BLOCK_D": bd}, num_warps=w) for bd, w in shapes]
+# the forward's blocks (BLOCK_T, BLOCK_D), one warp a program: a launch left whole, a launch split in time, and the
+# forward that keeps states for the backward. Fixed: H200 probes of 2026-12-02 (development runs, GPU time from CUDA
+# graphs) timed them against the autotuner this replaced, at six shapes in both dtypes. Split with 32 channels a
+# program, the forward took 0.77-0.98x the autotuned time from T = 4096 on and 0.92-1.19x at the two short shapes,
+# where the call's Python sets the pace; keeping states, 0.82-0.98x at every shape but batch 1 (1.10-1.16x). The
+# autotuner's own Python, tens of microseconds a launch on that machine, is gone from every call.
+FWD_BLOCKS = dict(whole=(32, 8), split=(8, 32), save=(BWD_BLOCK_T, 32))
 
-# the key holds the split (on or off, how many segments): a configuration tuned for one grid is not reused for another
-_FWD_KEY = ["DM", "N", "ACC", "SAVE", "SPLIT", "NSEG"]
-_fwd_tuned = triton.autotune(configs=_configs(), key=_FWD_KEY)(selective_scan_fwd_kernel)
-_fwd_save_tuned = triton.autotune(configs=_configs_t([(16, 1), (8, 1), (4, 1)]), key=_FWD_KEY)(selective_scan_fwd_kernel)
-# a forward segment is a multiple of every block length the autotuned forward (and its carry pass) may walk with:
-# 32 on a GPU, 8 in the interpreter
-_FWD_SEG_STEP = max(c.kwargs["BLOCK_T"] for c in _fwd_tuned.configs + _fwd_save_tuned.configs)
+def _check_segments(segments):
+    "A segment count is a positive int (not a bool)."
+    if isinstance(segments, bool) or not isinstance(segments, int) or segments < 1:
+        raise ValueError(f"segments must be a positive int, got {segments!r}")
 
 def _split(T: int, segments, step: int) -> tuple[int, int]:
     """(SEG_T, NSEG): split T steps into at most `segments` segments of SEG_T steps, a multiple of `step`, none
     empty (the last may be shorter). Asking for more segments than T / step allows gives fewer (clamped)."""
-    if isinstance(segments, bool) or not isinstance(segments, int) or segments < 1:
-        raise ValueError(f"segments must be a positive int, got {segments!r}")
+    _check_segments(segments)
     seg_t = triton.cdiv(triton.cdiv(T, segments), step) * step
     return seg_t, triton.cdiv(T, seg_t)
-
-def _launch(kernel, tuned, grid, args, flags, block_t, block_d, num_warps):
-    """Launch `kernel` with fixed blocks (`block_d` given) or its autotuned version `tuned`; grid(BLOCK_D) is the
-    grid."""
-    if block_d is not None:
-        kernel[grid(block_d)](*args, **flags, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
-    else:
-        tuned[lambda meta: grid(meta["BLOCK_D"])](*args, **flags)
 
 def _check_triton_device(u):
     "The Triton scan runs on CUDA tensors, or on any under Triton's interpreter (TRITON_INTERPRET=1)."
@@ -197,22 +179,38 @@ def _segments(pass_: str, bsz: int, dm: int, n_units: int, T: int, device) -> in
     want = round(per_sm * sms / (bsz * n_units))
     return max(1, min(want, MAX_SEGMENTS, T // (64 if pass_ == "fwd" else BWD_BLOCK_T)))
 
-def _units(tuned, dm: int, block_d: int | None = None) -> int:
-    """Channel blocks of a launch: of `block_d` if fixed, else of the first (best-swept) configuration of the autotuned
-    kernel `tuned`: the policy's program count."""
-    return triton.cdiv(dm, block_d or tuned.configs[0].kwargs["BLOCK_D"])
+def _fwd_plan(bsz: int, dm: int, T: int, save: bool, device, segments: int | None = None) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_D, segments) of a forward launch by default, from `FWD_BLOCKS` and the split policy: a forward
+    that the policy leaves whole in blocks of FWD_BLOCKS["whole"] (or `segments` = 1) walks in those; one it splits
+    walks in FWD_BLOCKS["split"], its segments counted for those blocks' programs. The forward that keeps states
+    (`save`) walks in FWD_BLOCKS["save"], split as the policy says for them. `segments` given: that many."""
+    if segments is not None:
+        _check_segments(segments)
+    if save:
+        block_t, block_d = FWD_BLOCKS["save"]
+    else:
+        whole_t, whole_d = FWD_BLOCKS["whole"]
+        if segments == 1 or (segments is None and _segments("fwd", bsz, dm, triton.cdiv(dm, whole_d), T, device) == 1):
+            return whole_t, whole_d, 1
+        block_t, block_d = FWD_BLOCKS["split"]
+    if segments is None:
+        segments = _segments("fwd", bsz, dm, triton.cdiv(dm, block_d), T, device)
+    return block_t, block_d, segments
 
 def _scan_fwd(u, delta, A, B, C, D, h0, save: bool, block_t=None, block_d=None, num_warps: int = 1,
               segments: int | None = None):
     """Launch the forward (inputs already checked); returns y, h_T and, with `save`, the states entering each block
     of BWD_BLOCK_T steps and h_T after them, (batch, blocks + 1, D, N), for the backward. `segments` > 1 splits
     the time axis (see `_split`: too many are clamped), a carry pass first; 1 walks each sequence in one program;
-    None: as many as the policy `SPLIT_PROGRAMS_PER_SM` asks for."""
+    None: as many as the policy `SPLIT_PROGRAMS_PER_SM` asks for. Blocks not given: `_fwd_plan`'s."""
     bsz, T, dm, n = u.shape[0], u.shape[1], u.shape[2], A.shape[1]
-    if segments is None:
-        segments = _segments("fwd", bsz, dm, _units(_fwd_save_tuned if save else _fwd_tuned, dm, block_d), T, u.device)
-    bt = BWD_BLOCK_T if save else block_t          # the fixed block length, if any
-    seg_t, nseg = _split(T, segments, bt if block_d is not None else _FWD_SEG_STEP)
+    if block_d is None:
+        block_t, block_d, segments = _fwd_plan(bsz, dm, T, save, u.device, segments)
+    elif segments is None:
+        segments = _segments("fwd", bsz, dm, triton.cdiv(dm, block_d), T, u.device)
+    if save:
+        block_t = BWD_BLOCK_T                      # the kept states are the backward's block starts
+    seg_t, nseg = _split(T, segments, block_t)
     acc = _acc_dtype(u.dtype)
     y = torch.empty_like(u)
     hT = torch.empty(bsz, dm, n, device=u.device, dtype=acc)
@@ -221,22 +219,22 @@ def _scan_fwd(u, delta, A, B, C, D, h0, save: bool, block_t=None, block_d=None, 
     carry = hT
     if nseg > 1:   # the affine map of every segment but the last (the split in time, below)
         carry = torch.empty(bsz, nseg, 2, dm, n, device=u.device, dtype=acc)
-        _launch(selective_scan_fwd_carry_kernel, _fwd_carry_tuned, lambda bd: (bsz, triton.cdiv(dm, bd), nseg - 1),
-                (u, delta, A, B, carry, T, dm, n, seg_t, nseg), flags, bt, block_d, num_warps)
+        selective_scan_fwd_carry_kernel[(bsz, triton.cdiv(dm, block_d), nseg - 1)](
+            u, delta, A, B, carry, T, dm, n, seg_t, nseg, **flags, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
     # absent D / h0 / states / carry are replaced by any pointer; the HAS_*, SAVE and SPLIT flags keep the kernel
     # from using them
     args = (u, delta, A, B, C, D if D is not None else A, h0 if h0 is not None else hT, y, hT, st, carry, T, dm, n,
             seg_t if nseg > 1 else 0, nseg)
     flags.update(HAS_D=D is not None, HAS_H0=h0 is not None, SAVE=save, SPLIT=nseg > 1)
-    _launch(selective_scan_fwd_kernel, _fwd_save_tuned if save else _fwd_tuned,
-            lambda bd: (bsz, triton.cdiv(dm, bd), nseg), args, flags, bt, block_d, num_warps)
+    selective_scan_fwd_kernel[(bsz, triton.cdiv(dm, block_d), nseg)](*args, **flags, BLOCK_T=block_t, BLOCK_D=block_d,
+                                                                    num_warps=num_warps)
     return y, hT, (st if save else None)
 
 def selective_scan_triton(u, delta, A, B, C, D=None, h0=None, *, block_t: int | None = None, block_d: int | None = None,
                           segments: int | None = None):
     """The Triton forward of the selective scan (no autograd). Same arguments and results as `selective_scan_ref`;
     every tensor must be contiguous and on a CUDA device (or any device under TRITON_INTERPRET=1).
-    `block_t` and `block_d` fix the block sizes (give both or neither); by default they are autotuned.
+    `block_t` and `block_d` fix the block sizes (give both or neither); by default `FWD_BLOCKS` (see `_fwd_plan`).
     `segments` (a positive int) splits the sequence into at most that many segments walked in parallel (the split
     in time); more than the sequence allows, segments of a multiple of the block length, are clamped; by default
     (None) the policy `SPLIT_PROGRAMS_PER_SM` sets it."""
@@ -575,10 +573,6 @@ def selective_scan_bwd_carry_kernel(DELTA, A, C, G, CARRY, T, DM, N, SEG_T, NSEG
         lam = tl.sum(tl.where(is_first, lt, -0.0), axis=0)
         dt_sum += tl.sum(dtn, axis=0)
     _store_carry(CARRY, pid_b, pid_s, NSEG, DM, N, nd_off, mask_nd, _exp(dt_sum[None, :] * a, ACC), lam)
-
-# the carry passes write only CARRY, every time: autotuning them needs no reset
-_fwd_carry_tuned = triton.autotune(configs=_configs(), key=["DM", "N", "ACC", "NSEG"])(selective_scan_fwd_carry_kernel)
-
 
 # %% ../../nbs/10a_selective_scan.ipynb #cell-009
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
