@@ -1,10 +1,10 @@
 """A development variant of the selective-scan forward (issue #15), not used by the package: it walks time one step
 at a time, h = exp(delta A) h + delta u B and y = C h + D u at every step, instead of the package kernel's blocks of
 BLOCK_T steps scanned with `tl.associative_scan` (fewer operations per element, no extraction of a block's last
-row, but one dependent step after another). Timed beside the package's kernel (autotuned) in one run, on GPU time
-from CUDA graphs (`tinylab.core.cuda_graph_ms`), over its launch settings (channels a program, warps, steps
-unrolled), each gated against the package's output first. The best setting's time over the package kernel's is
-what page 10a reports.
+row, but one dependent step after another). Timed beside the package's kernel (its default blocks; autotuned in the
+recorded run) in one run, on GPU time from CUDA graphs (`tinylab.core.cuda_graph_ms`), over its launch settings
+(channels a program, warps, steps unrolled), each gated against the package's output first. The best setting's time
+over the package kernel's is what page 10a reports.
 Usage: PYTHONPATH=. python3 benchmarks/scan_fwd_sequential_variant.py --out book/results/scan_fwd_sequential_h200.json
 With TRITON_INTERPRET=1 (any machine) it checks the variant against `selective_scan_ref` on small odd sizes only."""
 import argparse

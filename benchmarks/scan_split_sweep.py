@@ -6,9 +6,11 @@ For each policy value (programs per SM the split aims for; 0 = no split), with t
 (D 1536, N 16, T 2048, the anchor shape of `bench_ssm.py`) and batch 2 (D 1024, T 4096), in float32 and bfloat16:
 the forward, the forward that keeps states for the backward, and the backward. A segment count already timed for a
 case is not timed again. Each split result is first checked against the unsplit one (no timing on a red gate).
-Times are medians of `triton.testing.do_bench`, default blocks (`FWD_BLOCKS`; autotuned before 2026-12-02). It then
-picks, per pass, the value (threshold as shipped) with the least worst (time / unsplit time) over the cases, then the
-least geometric mean, and writes everything as JSON; `bench_ssm.py --split-fwd F --split-bwd B` times the chosen policy beside mamba-ssm.
+Times are medians of `triton.testing.do_bench`, default blocks (`FWD_BLOCKS`; autotuned before 2026-12-02: a split
+plain forward now also changes blocks, 32 x 8 whole to 8 x 32 split, so its time / unsplit time includes that). It
+then picks, per pass, the value (threshold as shipped) with the least worst (time / unsplit time) over the cases,
+then the least geometric mean, and writes everything as JSON; `bench_ssm.py --split-fwd F --split-bwd B` times the
+chosen policy beside mamba-ssm.
 Usage: PYTHONPATH=. python3 benchmarks/scan_split_sweep.py --out sweep.json [--smoke (CPU interpreter)]"""
 import argparse
 import datetime

@@ -183,7 +183,8 @@ def _fwd_plan(bsz: int, dm: int, T: int, save: bool, device, segments: int | Non
     """(BLOCK_T, BLOCK_D, segments) of a forward launch by default, from `FWD_BLOCKS` and the split policy: a forward
     that the policy leaves whole in blocks of FWD_BLOCKS["whole"] (or `segments` = 1) walks in those; one it splits
     walks in FWD_BLOCKS["split"], its segments counted for those blocks' programs. The forward that keeps states
-    (`save`) walks in FWD_BLOCKS["save"], split as the policy says for them. `segments` given: that many."""
+    (`save`) walks in FWD_BLOCKS["save"], split as the policy says for them. `segments` given: that many, in the
+    whole blocks if 1, else in the split (or save) blocks."""
     if segments is not None:
         _check_segments(segments)
     if save:
