@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nbformat
-
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
               "TINYLAB_FAKE_DATASETS": "1", "TINYLAB_COMMIT": "abc123"}
@@ -38,6 +36,7 @@ def load_script(script: Path):
 
 def chapter_presets(notebook: str, **names) -> dict:
     "A chapter's PRESETS table: its `PRESETS = {` cell up to `cfg = pick_scale`, run with `names` in scope."
+    import nbformat  # here, not at the top: the GPU image has no nbformat, and its kernel tests import this module
     nb = nbformat.read(ROOT / "nbs" / notebook, as_version=4)
     src = next(c.source for c in nb.cells if c.cell_type == "code" and c.source.startswith("PRESETS = {"))
     ns = dict(names)
