@@ -8,8 +8,10 @@ gate); times are medians of `triton.testing.do_bench`; the floor is reading the 
 output once at the copy bandwidth measured here.
 
 Run: PYTHONPATH=. python3 benchmarks/bench_megalodon.py --out book/results/megalodon_kernels_h200.json
-(`--smoke`: tiny sizes on the CPU under TRITON_INTERPRET=1, no official kernels: checks the script only.)
-Imports only torch, triton, numpy, pandas and tinylab.kernels / tinylab.core (no datasets on the GPU)."""
+(`--smoke`: tiny sizes on the CPU under TRITON_INTERPRET=1, no official kernels: checks the script only;
+`--ncu`: after the sweep, Nsight Compute's counters of the CEMA forward, fp32 and bf16, and backward at T = 8192.)
+Imports only torch, triton, numpy, pandas, tinylab.kernels / tinylab.core and benchmarks/nsight.py (no datasets on
+the GPU)."""
 import argparse
 import json
 import math
@@ -31,6 +33,8 @@ from triton.testing import do_bench
 from tinylab.core import cuda_graph_ms
 from tinylab.kernels.cema import cema, cema_fft, cema_ref
 from tinylab.kernels.timestep_norm import timestep_norm, timestep_norm_ref
+
+import nsight  # noqa: E402  (benchmarks/nsight.py: this script's folder is on the path)
 
 B, D, N, G = 4, 1024, 16, 32
 LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
@@ -143,6 +147,20 @@ def graph_ms(fn):
         return None
 
 
+NCU_TARGETS = {"fwd:float32": "cema_fwd_kernel", "fwd:bfloat16": "cema_fwd_kernel", "bwd:float32": "cema_bwd_kernel"}
+
+
+def ncu_target(target):
+    "Child of --ncu: one profiled CEMA forward (`fwd:<x dtype>`) or forward and backward (`bwd:float32`) at T = 8192."
+    kind, dtype = target.split(":")
+    p, q, g = params(D, N)
+    x = torch.randn(B, 8192, D, device="cuda", dtype=getattr(torch, dtype), requires_grad=kind == "bwd")
+    if kind == "fwd":
+        nsight.profiled(lambda: cema(x, p, q, g, backend="triton"))
+    else:
+        nsight.profiled(lambda: cema(x, p, q, g, backend="triton")[0].sum().backward())
+
+
 def main():
     global B, D, N, G, do_bench
     ap = argparse.ArgumentParser()
@@ -152,7 +170,11 @@ def main():
                     help="start no new length after this many seconds of timing (building the official ops not counted)")
     ap.add_argument("--no-official", action="store_true", help="skip building Megalodon's CUDA ops")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU under TRITON_INTERPRET=1 (checks the script)")
+    ap.add_argument("--ncu", action="store_true", help="after the sweep, profile the CEMA kernels at T = 8192 with Nsight Compute")
+    ap.add_argument("--ncu-target", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.ncu_target:
+        return ncu_target(args.ncu_target)
     t_start = time.time()
     log = lambda s: print(f"[{time.time() - t_start:6.1f}s] {s}", flush=True)
     if args.smoke:
@@ -260,6 +282,11 @@ def main():
             json.dump(record, f, indent=2)
     df = pd.DataFrame(record["rows"])
     print(df.to_string())
+    if args.ncu and dev == "cuda":
+        t0 = time.time()
+        record["ncu"] = {target: nsight.profile(__file__, target, kernel, 120) for target, kernel in NCU_TARGETS.items()}
+        log(f"ncu: {record['ncu']}")
+        record["phase_s"]["ncu"] = round(time.time() - t0, 1)
     record["wall_s"] = round(time.time() - t_start, 1)
     with open(args.out, "w") as f:
         json.dump(record, f, indent=2)

@@ -29,25 +29,13 @@ import triton.language as tl  # noqa: E402
 
 from tinylab.kernels import selective_scan as ss  # noqa: E402
 
+import nsight  # noqa: E402  (benchmarks/nsight.py: this script's folder is on the path)
+
 T0 = time.perf_counter()
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # mamba-ssm builds: the trimmed forward+backward one (benchmarks/prep_mamba_ss_bwd.sh), else the forward-only one
 MAMBA_DIRS = (".baselines/mamba_ss_bwd", ".baselines/mamba_ss")
 BUILD = "import sys; sys.path.insert(0, {d!r}); from build import build; build()"
-# Nsight Compute metrics for our kernels (--ncu): what bounds them
-NCU_METRICS = ["gpu__time_duration.sum", "sm__throughput.avg.pct_of_peak_sustained_elapsed",
-               "dram__throughput.avg.pct_of_peak_sustained_elapsed", "sm__issue_active.avg.pct_of_peak_sustained_active",
-               "sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active",
-               "sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active",
-               "sm__pipe_alu_cycles_active.avg.pct_of_peak_sustained_active",
-               "sm__warps_active.avg.pct_of_peak_sustained_active", "launch__registers_per_thread",
-               "smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio",
-               "smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio",
-               "smsp__average_warps_issue_stalled_short_scoreboard_per_issue_active.ratio",
-               "smsp__average_warps_issue_stalled_math_pipe_throttle_per_issue_active.ratio",
-               "smsp__average_warps_issue_stalled_mio_throttle_per_issue_active.ratio",
-               "smsp__average_warps_issue_stalled_wait_per_issue_active.ratio"]
-
 
 def elapsed():
     return time.perf_counter() - T0
@@ -91,7 +79,7 @@ def mamba_layout(u, delta, B, C, g=None):
 
 
 def ncu_target(target):
-    "Child of --ncu: compile first (not profiled), then one profiled launch of our forward or backward."
+    "Child of --ncu: one profiled launch of our forward or backward (nsight.profiled)."
     direction, dtype = target.split(":")
     kw = ss.random_inputs(4, 2048, 1536, 16, dtype=getattr(torch, dtype), device=DEV, seed=1)
     if direction == "fwd":
@@ -101,34 +89,16 @@ def ncu_target(target):
         g = torch.randn_like(kw["u"])
         states = ss._scan_fwd(*args, save=True)[2]
         fn = lambda: ss.selective_scan_triton_bwd(*args, g, None, states)
-    fn(); sync()
-    torch.cuda.cudart().cudaProfilerStart()
-    fn(); sync()
-    torch.cuda.cudart().cudaProfilerStop()
+    nsight.profiled(fn)
 
 
 def run_ncu(rec, budget_left):
-    "Nsight Compute's view of our kernels (key metrics only), parsed from its raw csv page."
-    import csv
-    import io
-    ncu = subprocess.run("command -v ncu", shell=True, capture_output=True, text=True).stdout.strip()
-    rec["ncu"] = {"ncu": ncu or "absent"}
+    "Nsight Compute's view of our kernels (key metrics only)."
+    rec["ncu"] = {}
     for target in ("fwd:float32", "fwd:bfloat16", "bwd:float32", "bwd:bfloat16"):
-        pr = None
-        if not ncu or budget_left() < 40:
+        if budget_left() < 40:
             rec["skipped"].append(f"ncu {target}"); continue
-        cmd = [ncu, "--csv", "--page", "raw", "--profile-from-start", "off", "--metrics", ",".join(NCU_METRICS),
-               "-k", "regex:selective_scan_(fwd|bwd)_kernel", sys.executable, os.path.abspath(__file__), "--out", "/dev/null", "--ncu-target", target]
-        try:
-            pr = subprocess.run(cmd, capture_output=True, text=True, timeout=min(120, budget_left()),
-                                env={**os.environ, "PYTHONPATH": "."})
-            lines = [ln for ln in pr.stdout.splitlines() if ln.startswith('"')]
-            rows = list(csv.reader(io.StringIO("\n".join(lines))))
-            head = next(i for i, r in enumerate(rows) if "Kernel Name" in r)
-            keys, vals = rows[head], rows[-1]
-            rec["ncu"][target] = {k: vals[i] for i, k in enumerate(keys) if k in NCU_METRICS + ["Kernel Name", "Block Size", "Grid Size"]}
-        except Exception:  # noqa: BLE001
-            rec["ncu"][target] = {"error": traceback.format_exc()[-600:], "stderr": pr.stderr[-800:] if pr else ""}
+        rec["ncu"][target] = nsight.profile(__file__, target, "selective_scan_(fwd|bwd)_kernel", min(120, budget_left()))
         print("ncu", target, rec["ncu"][target], flush=True)
 
 

@@ -141,16 +141,17 @@ def test_both_ways_of_carrying_the_state(monkeypatch, poison_empty, fold):
     assert_close("h_T", h_ref, h, 1e-4)
 
 def test_segment_choice(monkeypatch):
-    "On a GPU: segments tile the sequence (full ones a multiple of BLOCK_T), fill the SMs, and short inputs keep one."
+    "On a GPU: segments tile the sequence (full ones a multiple of BLOCK_T), fill one wave of the SMs, and short inputs keep one."
     import tinylab.kernels.cema as m
     monkeypatch.setattr(m, "_sm_count", lambda device: 132)
     cuda = torch.device("cuda")
-    for B, T, D_blocks in [(4, 8192, 128), (4, 65536, 128), (1, 1000, 3), (4, 16, 128), (2, 1, 1)]:
+    for B, T, D_blocks in [(4, 8192, 128), (4, 65536, 128), (1, 1000, 3), (4, 16, 128), (2, 1, 1), (1, 32768, 64)]:
         S, seg_len = m._cema_segments(B, T, D_blocks, 16, cuda)
         assert seg_len % 16 == 0 and (S - 1) * seg_len < T <= S * seg_len
         assert seg_len >= 16 * min(m.TUNING["min_segment_tiles"], (T + 15) // 16)
+        assert S == 1 or S * B * D_blocks <= m.TUNING["programs_per_sm"] * 132      # one wave, no second
     assert m._cema_segments(4, 16, 128, 16, cuda)[0] == 1
-    assert m._cema_segments(4, 2048, 128, 16, cuda)[0] == 1             # too few segments to pay for a first pass
+    assert m._cema_segments(16, 65536, 128, 16, cuda)[0] == 1           # the batch alone fills the wave: no first pass
     assert m._cema_segments(4, 65536, 128, 16, cuda)[0] >= max(2, m.TUNING["min_segments"])
     assert m._cema_segments(1, 100000, 3, 16, cuda)[0] > 1
 

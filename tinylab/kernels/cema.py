@@ -107,11 +107,11 @@ def _store_complex(PTR, offs, re, im, mask):
 
 # %% ../../nbs/11a_cema.ipynb #cell-022
 @triton.jit
-def _load_params(P, Q, G, dn, dn_mask, ACC: tl.constexpr):
-    "One block of channels' parameters: p real, q and gamma complex."
-    p = tl.load(P + dn, mask=dn_mask, other=0.).to(ACC)
-    q_re, q_im = _load_complex(Q, dn, dn_mask, ACC)
-    g_re, g_im = _load_complex(G, dn, dn_mask, ACC)
+def _load_params(P, Q, G, nd, nd_mask, ACC: tl.constexpr):
+    "One block of channels' parameters at offsets `nd` of (D, N) memory: p real, q and gamma complex."
+    p = tl.load(P + nd, mask=nd_mask, other=0.).to(ACC)
+    q_re, q_im = _load_complex(Q, nd, nd_mask, ACC)
+    g_re, g_im = _load_complex(G, nd, nd_mask, ACC)
     return p, q_re, q_im, g_re, g_im
 
 @triton.jit
@@ -144,19 +144,20 @@ def _cpow(q_re, q_im, n):
 def cema_seg_end_kernel(X, P, Q, END, T, D, N, seg_len,
                         ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     # pass 1, one program: batch row b, channels d0 .. d0 + BLOCK_D, segment s (a full one: seg_len steps, a
-    # multiple of BLOCK_T) -> the segment's end state from a zero start, sum_j q^(L-1-j) p x_j
+    # multiple of BLOCK_T) -> the segment's end state from a zero start, sum_j q^(L-1-j) p x_j.
+    # Tiles are (BLOCK_T, BLOCK_N, BLOCK_D), as in the forward below.
     b, pid_d, s = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     rt = tl.arange(0, BLOCK_T)
     rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     rn = tl.arange(0, BLOCK_N)
-    dn_mask = (rd[:, None] < D) & (rn[None, :] < N)
-    dn = rd[:, None] * N + rn[None, :]
-    p = tl.load(P + dn, mask=dn_mask, other=0.).to(ACC)
-    q_re, q_im = _load_complex(Q, dn, dn_mask, ACC)
+    nd_mask = (rn[:, None] < N) & (rd[None, :] < D)
+    nd = rn[:, None] + rd[None, :] * N
+    p = tl.load(P + nd, mask=nd_mask, other=0.).to(ACC)
+    q_re, q_im = _load_complex(Q, nd, nd_mask, ACC)
     # a tile's weights w_t = q^(BLOCK_T-1-t): a reverse running product of (q, ..., q, 1); no scan per tile needed
     last = (rt == BLOCK_T - 1)[:, None, None]
-    a_re = tl.where(last, 1., q_re[None, :, :] + tl.zeros([BLOCK_T, BLOCK_D, BLOCK_N], ACC))
-    a_im = tl.where(last, 0., q_im[None, :, :] + tl.zeros([BLOCK_T, BLOCK_D, BLOCK_N], ACC))
+    a_re = tl.where(last, 1., q_re[None, :, :] + tl.zeros([BLOCK_T, BLOCK_N, BLOCK_D], ACC))
+    a_im = tl.where(last, 0., q_im[None, :, :] + tl.zeros([BLOCK_T, BLOCK_N, BLOCK_D], ACC))
     w_re, w_im = tl.associative_scan((a_re, a_im), 0, _cmul_combine, reverse=True)
     first = (rt == 0)[:, None, None]
     qt_re = tl.sum(tl.where(first, w_re, 0.), axis=0)                     # q^(BLOCK_T-1) ...
@@ -164,17 +165,17 @@ def cema_seg_end_kernel(X, P, Q, END, T, D, N, seg_len,
     qt_re, qt_im = qt_re * q_re - qt_im * q_im, qt_re * q_im + qt_im * q_re   # ... times q: q^BLOCK_T
     pw_re = p[None, :, :] * w_re
     pw_im = p[None, :, :] * w_im
-    h_re = tl.zeros([BLOCK_D, BLOCK_N], dtype=ACC)
-    h_im = tl.zeros([BLOCK_D, BLOCK_N], dtype=ACC)
+    h_re = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    h_im = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     t0 = s * seg_len
     for c in range(t0, t0 + seg_len, BLOCK_T):
         t = c + rt
         x = tl.load(X + (b * T + t[:, None]) * D + rd[None, :], mask=rd[None, :] < D, other=0.).to(ACC)
         # h <- q^BLOCK_T h + sum_t q^(BLOCK_T-1-t) p x_t
-        u_re = tl.sum(x[:, :, None] * pw_re, axis=0)
-        u_im = tl.sum(x[:, :, None] * pw_im, axis=0)
+        u_re = tl.sum(x[:, None, :] * pw_re, axis=0)
+        u_im = tl.sum(x[:, None, :] * pw_im, axis=0)
         h_re, h_im = qt_re * h_re - qt_im * h_im + u_re, qt_re * h_im + qt_im * h_re + u_im
-    _store_complex(END, (b * (tl.num_programs(2)) + s) * D * N + dn, h_re, h_im, dn_mask)
+    _store_complex(END, (b * (tl.num_programs(2)) + s) * D * N + nd, h_re, h_im, nd_mask)
 
 
 @triton.jit
@@ -184,21 +185,23 @@ def cema_fwd_kernel(X, P, Q, G, H0, Y, HT, HS, T, D, N,
                     END=None, seg_len=0, SEGMENTED: tl.constexpr = False, FOLD_STATE: tl.constexpr = False):
     # one program: batch row b, channels d0 .. d0 + BLOCK_D, all N dims, walking the whole sequence or (SEGMENTED)
     # segment s of seg_len steps, started from the carry that the h0 and the end states END of segments 0 .. s-1 give.
-    # FOLD_STATE: the carried state enters the tile's first element (b_0 += q h) instead of h_t = A_t h + B_t after
-    # the scan, so the scan's running products of a go unused
+    # Tiles are (BLOCK_T, BLOCK_N, BLOCK_D): channels, the last axis, go on a warp's lanes first (x and y are
+    # contiguous in channels), the states next, and time stays in each thread's registers, so the scan over time
+    # runs inside a thread. FOLD_STATE: the carried state enters the tile's first element (b_0 += q h) instead of
+    # h_t = A_t h + B_t after the scan, so the scan's running products of a go unused
     b, pid_d = tl.program_id(0).to(tl.int64), tl.program_id(1)      # int64: (b * T + t) * D passes 2**31
     rt = tl.arange(0, BLOCK_T)
     rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     rn = tl.arange(0, BLOCK_N)
-    dn_mask = (rd[:, None] < D) & (rn[None, :] < N)                       # (BLOCK_D, BLOCK_N)
-    dn = rd[:, None] * N + rn[None, :]
-    p, q_re, q_im, g_re, g_im = _load_params(P, Q, G, dn, dn_mask, ACC)
-    state = b * D * N + dn                                                # offset into (B, D, N) states
+    nd_mask = (rn[:, None] < N) & (rd[None, :] < D)                       # (BLOCK_N, BLOCK_D)
+    nd = rn[:, None] + rd[None, :] * N                                    # offsets in (D, N) memory
+    p, q_re, q_im, g_re, g_im = _load_params(P, Q, G, nd, nd_mask, ACC)
+    state = b * D * N + nd                                                # offset into (B, D, N) states
     if HAS_H0:
-        h_re, h_im = _load_complex(H0, state, dn_mask, ACC)
+        h_re, h_im = _load_complex(H0, state, nd_mask, ACC)
     else:
-        h_re = tl.zeros([BLOCK_D, BLOCK_N], dtype=ACC)
-        h_im = tl.zeros([BLOCK_D, BLOCK_N], dtype=ACC)
+        h_re = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+        h_im = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     n_chunks = tl.cdiv(T, BLOCK_T)
     c_start, c_end = 0, n_chunks
     if SEGMENTED:
@@ -206,22 +209,22 @@ def cema_fwd_kernel(X, P, Q, G, H0, Y, HT, HS, T, D, N,
         # the carry: h <- q^L h + end[j] over the segments j before this one (all full, L = seg_len steps)
         qL_re, qL_im = _cpow(q_re, q_im, seg_len)
         for j in range(0, s):
-            e_re, e_im = _load_complex(END, (b * (tl.num_programs(2) - 1) + j) * D * N + dn, dn_mask, ACC)
+            e_re, e_im = _load_complex(END, (b * (tl.num_programs(2) - 1) + j) * D * N + nd, nd_mask, ACC)
             h_re, h_im = qL_re * h_re - qL_im * h_im + e_re, qL_re * h_im + qL_im * h_re + e_im
         c_start = s * (seg_len // BLOCK_T)
         c_end = tl.minimum(c_start + seg_len // BLOCK_T, n_chunks)
     for c in range(c_start, c_end):
         t = c * BLOCK_T + rt
         if SAVE_STATES:  # state entering chunk c, for the backward pass: HS is (B, n_chunks, D, N, 2)
-            hs = (b * n_chunks + c) * D * N + dn
-            _store_complex(HS, hs, h_re, h_im, dn_mask)
+            hs = (b * n_chunks + c) * D * N + nd
+            _store_complex(HS, hs, h_re, h_im, nd_mask)
         xt_mask = (t[:, None] < T) & (rd[None, :] < D)
         x = tl.load(X + (b * T + t[:, None]) * D + rd[None, :], mask=xt_mask, other=0.).to(ACC)  # (BT, BD)
         valid = (t < T)[:, None, None]
-        # the scan's elements: a = q (1 past the end), b = p x, on a (BLOCK_T, BLOCK_D, BLOCK_N) tile
+        # the scan's elements: a = q (1 past the end), b = p x, on a (BLOCK_T, BLOCK_N, BLOCK_D) tile
         a_re = tl.where(valid, q_re[None, :, :], 1.)
         a_im = tl.where(valid, q_im[None, :, :], 0.)
-        b_re = x[:, :, None] * p[None, :, :]
+        b_re = x[:, None, :] * p[None, :, :]
         b_im = tl.zeros_like(b_re)
         if FOLD_STATE:
             first = (rt == 0)[:, None, None]
@@ -231,14 +234,14 @@ def cema_fwd_kernel(X, P, Q, G, H0, Y, HT, HS, T, D, N,
         else:
             H_re, H_im = _scan_from(a_re, a_im, b_re, b_im, h_re[None, :, :], h_im[None, :, :], False)
         # y_t = Re(sum_n gamma_n h_t,n)
-        y = tl.sum(g_re[None, :, :] * H_re - g_im[None, :, :] * H_im, axis=2)
+        y = tl.sum(g_re[None, :, :] * H_re - g_im[None, :, :] * H_im, axis=1)
         tl.store(Y + (b * T + t[:, None]) * D + rd[None, :], y.to(Y.dtype.element_ty), mask=xt_mask)
         # the last row is the state after this chunk (a sum with -0. elsewhere: exact, and the adds compile away)
         last = (rt == BLOCK_T - 1)[:, None, None]
         h_re = tl.sum(tl.where(last, H_re, -0.), axis=0)
         h_im = tl.sum(tl.where(last, H_im, -0.), axis=0)
     if c_end == n_chunks:  # the program that ends the sequence writes h_T
-        _store_complex(HT, state, h_re, h_im, dn_mask)
+        _store_complex(HT, state, h_re, h_im, nd_mask)
 
 def _cema_blocks(T: int, D: int, N: int, on_gpu: bool) -> tuple[int, int, int]:
     "Tile sizes (BLOCK_T, BLOCK_D, BLOCK_N): large on a GPU, tiny in the interpreter (~1 ms per program)."
@@ -248,11 +251,12 @@ def _cema_blocks(T: int, D: int, N: int, on_gpu: bool) -> tuple[int, int, int]:
     return min(8, triton.next_power_of_2(max(T, 1))), min(4, triton.next_power_of_2(D)), BLOCK_N
 
 # %% ../../nbs/11a_cema.ipynb #6ab7f79f
-# launch choices, timed on an H200 (see "Speed"): programs per SM the time segments aim for, the shortest segment in
-# tiles of BLOCK_T steps, the fewest segments worth a first pass (fewer: one segment), the forward's channels per
-# program (None: `_cema_blocks`'s) and warps (these two on a GPU only), and whether the forward folds the carried
-# state into the scan (FOLD_STATE)
-TUNING = dict(programs_per_sm=32, min_segment_tiles=32, min_segments=5, block_d=None, num_warps=4, fold_state=True)
+# launch choices, timed on an H200 (see "Speed"): the forward's programs per SM (one wave of them: 16 one-warp
+# programs fit an SM's registers), the shortest segment in tiles of BLOCK_T steps, the fewest segments worth a first
+# pass (fewer: one segment), the forward's channels per program (None: `_cema_blocks`'s) and warps, the backward's
+# warps (these three on a GPU only), and whether the forward folds the carried state into the scan (FOLD_STATE)
+TUNING = dict(programs_per_sm=16, min_segment_tiles=8, min_segments=2, block_d=8, num_warps=1, bwd_num_warps=2,
+              fold_state=True)
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
@@ -261,14 +265,15 @@ def _sm_count(device: torch.device) -> int:
 
 def _cema_segments(B: int, T: int, D_blocks: int, BT: int, device: torch.device,
                    sms: int | None = None) -> tuple[int, int]:
-    """(number of time segments, steps per segment, a multiple of BT): enough (batch row, channel block, segment)
-    programs to fill the GPU, each segment at least `min_segment_tiles` tiles long, and one segment (no first pass)
-    when that gives fewer than `min_segments`; in the interpreter at most 4 segments of 1 tile or more, so that
-    small tests cross segment boundaries. `sms` (a GPU's SM count) gives the GPU choice without a GPU."""
+    """(number of time segments, steps per segment, a multiple of BT): as many (batch row, channel block, segment)
+    programs as fill one wave of `programs_per_sm` on every SM, no more, each segment at least `min_segment_tiles`
+    tiles long, and one segment (no first pass) when that gives fewer than `min_segments`; in the interpreter at most
+    4 segments of 1 tile or more, so that small tests cross segment boundaries. `sms` (a GPU's SM count) gives the
+    GPU choice without a GPU."""
     tiles = triton.cdiv(T, BT)
     if device.type == "cuda" or sms is not None:
-        n = min(triton.cdiv(TUNING["programs_per_sm"] * (sms or _sm_count(device)), B * D_blocks),
-                triton.cdiv(tiles, TUNING["min_segment_tiles"]))
+        n = min(TUNING["programs_per_sm"] * (sms or _sm_count(device)) // (B * D_blocks),
+                tiles // TUNING["min_segment_tiles"])
         n = n if n >= TUNING["min_segments"] else 1
     else:
         n = min(4, tiles)
@@ -319,27 +324,27 @@ def cema_bwd_kernel(X, P, Q, G, HS, DY, DHT, DX, DP, DQ, DG, DH0, T, D, N,
     rt = tl.arange(0, BLOCK_T)
     rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     rn = tl.arange(0, BLOCK_N)
-    dn_mask = (rd[:, None] < D) & (rn[None, :] < N)
-    dn = rd[:, None] * N + rn[None, :]
-    p, q_re, q_im, g_re, g_im = _load_params(P, Q, G, dn, dn_mask, ACC)
-    state = b * D * N + dn
+    nd_mask = (rn[:, None] < N) & (rd[None, :] < D)                       # (BLOCK_N, BLOCK_D) tiles, as in the forward
+    nd = rn[:, None] + rd[None, :] * N
+    p, q_re, q_im, g_re, g_im = _load_params(P, Q, G, nd, nd_mask, ACC)
+    state = b * D * N + nd
     # the grad of the returned last state h_T enters the adjoint at the last step
     if HAS_DHT:
-        dht_re, dht_im = _load_complex(DHT, state, dn_mask, ACC)
+        dht_re, dht_im = _load_complex(DHT, state, nd_mask, ACC)
     # lam = adjoint of the state entering this chunk from the next one
-    lam_re = tl.zeros([BLOCK_D, BLOCK_N], dtype=ACC)
-    lam_im = tl.zeros([BLOCK_D, BLOCK_N], dtype=ACC)
-    dp = tl.zeros([BLOCK_D, BLOCK_N], dtype=ACC)
-    dq_re = tl.zeros([BLOCK_D, BLOCK_N], dtype=ACC)
-    dq_im = tl.zeros([BLOCK_D, BLOCK_N], dtype=ACC)
-    dg_re = tl.zeros([BLOCK_D, BLOCK_N], dtype=ACC)
-    dg_im = tl.zeros([BLOCK_D, BLOCK_N], dtype=ACC)
+    lam_re = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    lam_im = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    dp = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    dq_re = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    dq_im = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    dg_re = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    dg_im = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     n_chunks = tl.cdiv(T, BLOCK_T)
     for i in range(0, n_chunks):
         c = n_chunks - 1 - i                                              # chunks from last to first
         t = c * BLOCK_T + rt
-        hs = (b * n_chunks + c) * D * N + dn
-        s_re, s_im = _load_complex(HS, hs, dn_mask, ACC)
+        hs = (b * n_chunks + c) * D * N + nd
+        s_re, s_im = _load_complex(HS, hs, nd_mask, ACC)
         s_re, s_im = s_re[None, :, :], s_im[None, :, :]
         xt_mask = (t[:, None] < T) & (rd[None, :] < D)
         offs = (b * T + t[:, None]) * D + rd[None, :]
@@ -349,7 +354,7 @@ def cema_bwd_kernel(X, P, Q, G, HS, DY, DHT, DX, DP, DQ, DG, DH0, T, D, N,
         # recompute h_t: the forward scan from the saved chunk-start state
         a_re = tl.where(valid, q_re[None, :, :], 1.)
         a_im = tl.where(valid, q_im[None, :, :], 0.)
-        b_re = x[:, :, None] * p[None, :, :]
+        b_re = x[:, None, :] * p[None, :, :]
         b_im = tl.zeros_like(b_re)
         h_re, h_im = _scan_from(a_re, a_im, b_re, b_im, s_re, s_im, False)
         # h_{t-1}: the same scan on the input shifted by one step (row 0 is the chunk-start state)
@@ -357,13 +362,13 @@ def cema_bwd_kernel(X, P, Q, G, HS, DY, DHT, DX, DP, DQ, DG, DH0, T, D, N,
         x_prev = tl.load(X + offs - D, mask=xt_mask & (rt[:, None] > 0), other=0.).to(ACC)
         a_re = tl.where(first, 1., a_re)
         a_im = tl.where(first, 0., a_im)
-        b_re = x_prev[:, :, None] * p[None, :, :]
+        b_re = x_prev[:, None, :] * p[None, :, :]
         hp_re, hp_im = _scan_from(a_re, a_im, b_re, b_im, s_re, s_im, False)
         # adjoint scan backwards in time: lam_t = dy_t conj(gamma) + conj(q) lam_{t+1}
         c_re = tl.where(valid, q_re[None, :, :], 1.)
         c_im = tl.where(valid, -q_im[None, :, :], 0.)
-        u_re = dy[:, :, None] * g_re[None, :, :]
-        u_im = -dy[:, :, None] * g_im[None, :, :]
+        u_re = dy[:, None, :] * g_re[None, :, :]
+        u_im = -dy[:, None, :] * g_im[None, :, :]
         if HAS_DHT:
             at_end = (t == T - 1)[:, None, None]
             u_re += tl.where(at_end, dht_re[None, :, :], 0.)
@@ -372,21 +377,21 @@ def cema_bwd_kernel(X, P, Q, G, HS, DY, DHT, DX, DP, DQ, DG, DH0, T, D, N,
         L_re = tl.where(valid, L_re, 0.)
         L_im = tl.where(valid, L_im, 0.)
         # the gradients, as sums over the chunk's time steps
-        dx = tl.sum(p[None, :, :] * L_re, axis=2)
+        dx = tl.sum(p[None, :, :] * L_re, axis=1)
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=xt_mask)
-        dp += tl.sum(x[:, :, None] * L_re, axis=0)
+        dp += tl.sum(x[:, None, :] * L_re, axis=0)
         dq_re += tl.sum(L_re * hp_re + L_im * hp_im, axis=0)             # lam * conj(h_{t-1})
         dq_im += tl.sum(L_im * hp_re - L_re * hp_im, axis=0)
-        dg_re += tl.sum(dy[:, :, None] * h_re, axis=0)                    # dy * conj(h_t)
-        dg_im -= tl.sum(dy[:, :, None] * h_im, axis=0)
+        dg_re += tl.sum(dy[:, None, :] * h_re, axis=0)                    # dy * conj(h_t)
+        dg_im -= tl.sum(dy[:, None, :] * h_im, axis=0)
         # the adjoint entering this chunk's first step, carried to the previous chunk
         first_row = (rt == 0)[:, None, None]
         lam_re = tl.sum(tl.where(first_row, L_re, 0.), axis=0)
         lam_im = tl.sum(tl.where(first_row, L_im, 0.), axis=0)
-    tl.store(DP + state, dp, mask=dn_mask)
-    _store_complex(DQ, state, dq_re, dq_im, dn_mask)
-    _store_complex(DG, state, dg_re, dg_im, dn_mask)
-    _store_complex(DH0, state, q_re * lam_re + q_im * lam_im, q_re * lam_im - q_im * lam_re, dn_mask)  # conj(q) lam_0
+    tl.store(DP + state, dp, mask=nd_mask)
+    _store_complex(DQ, state, dq_re, dq_im, nd_mask)
+    _store_complex(DG, state, dg_re, dg_im, nd_mask)
+    _store_complex(DH0, state, q_re * lam_re + q_im * lam_im, q_re * lam_im - q_im * lam_re, nd_mask)  # conj(q) lam_0
 
 # %% ../../nbs/11a_cema.ipynb #cell-032
 class CEMAFunction(torch.autograd.Function):
@@ -416,7 +421,8 @@ class CEMAFunction(torch.autograd.Function):
         cema_bwd_kernel[(B, triton.cdiv(D, BD))](
             x, p.to(real).contiguous(), torch.view_as_real(q.to(cplx).contiguous()),
             torch.view_as_real(gamma.to(cplx).contiguous()), hs, dy, dhTr, dx, dp, dq, dg, dh0, T, D, N,
-            HAS_DHT=dhT is not None, ACC=acc, BLOCK_T=BT, BLOCK_D=BD, BLOCK_N=BN)
+            HAS_DHT=dhT is not None, ACC=acc, BLOCK_T=BT, BLOCK_D=BD, BLOCK_N=BN,
+            num_warps=TUNING["bwd_num_warps"] if x.is_cuda else 4)
         dq = torch.view_as_complex(dq.sum(0)).to(q.dtype)
         dg = torch.view_as_complex(dg.sum(0)).to(gamma.dtype)
         dh0 = torch.view_as_complex(dh0).to(ctx.h0_dtype) if ctx.has_h0 else None
