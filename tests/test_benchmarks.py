@@ -65,6 +65,13 @@ def test_profile_triforce_steps_kinds():
     assert prof.kind_of("void at::native::index_elementwise_kernel<128, 4>") == "other"
 
 
+def test_cema_tiles_sweep_covers_the_landed_launch():
+    "The CEMA tiles sweep (a GPU-only script) imports, and sweeps the tiles `TUNING` landed on (16 steps, the saved states')."
+    sweep = load_script(BENCH / "cema_tiles_sweep.py")
+    from tinylab.kernels.cema import TUNING
+    assert (16, TUNING["block_d"], TUNING["num_warps"]) in sweep.TILES
+
+
 def test_decode_tuning_sweep_grid():
     "The launch-settings sweep (a GPU-only script) imports, and sweeps only settings the kernel's `TUNING` has."
     sweep = load_script(BENCH / "decode_tuning_sweep.py")
