@@ -1,6 +1,6 @@
-"""Sweep of the sparse decode attention kernel's launch settings (`TUNING` in nbs/21a_sparse_decode_attention.ipynb)
-for one new token over the whole cache read with no ids (`chunk_idx=None`, the target's full-cache step), beside
-PyTorch's SDPA, on one GPU. Llama2-7B's attention shape (32 heads of 128, bf16), 32 and 8 kv heads, 16K to 120K
+"""Sweep of the sparse decode attention's launch settings for every chunk in order (`TUNING["dense"]` in
+nbs/21a_sparse_decode_attention.ipynb: `chunk_idx=None`, the target's full-cache step, step 3c's equal shares), for one
+new token, beside PyTorch's SDPA, on one GPU. Llama2-7B's attention shape (32 heads of 128, bf16), 32 and 8 kv heads, 16K to 120K
 tokens. Each setting is checked against SDPA before it is timed; times are GPU ms from CUDA graphs
 (`tinylab.core.cuda_graph_ms`, no launch cost). The best setting is the one whose worst ratio to SDPA is least.
 Usage: PYTHONPATH=. python3 benchmarks/decode_tuning_sweep.py --out sweep.json"""
@@ -16,7 +16,7 @@ import triton
 from tinylab.core import cuda_graph_ms
 import tinylab.kernels.sparse_decode_attention as sda
 
-GRID = dict(block_tokens=[64, 128], num_warps=[4, 8], num_stages=[2, 3, 4], programs_per_sm=[2, 4, 8])
+GRID = dict(block_tokens=[64, 128], num_warps=[4, 8], num_stages=[2, 3, 4], programs_per_sm=[1, 2, 3, 4])
 
 
 def main():
@@ -24,7 +24,7 @@ def main():
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     dev, H, D, C = torch.device("cuda"), 32, 128, 8
-    base = dict(sda.TUNING)
+    base = dict(sda.TUNING["dense"])
     rec = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                commit=os.environ.get("TINYLAB_COMMIT"), script="benchmarks/decode_tuning_sweep.py", grid=GRID,
@@ -37,7 +37,7 @@ def main():
         ref = sdpa()
         sdpa_ms = cuda_graph_ms(sdpa)
         for values in itertools.product(*GRID.values()):
-            sda.TUNING.update(dict(zip(GRID, values)))
+            sda.TUNING["dense"].update(dict(zip(GRID, values)))
             fn = lambda: sda.sparse_decode_attention(q, k, v, None, C, check_distinct=False)
             err = ((fn().float() - ref.float()).abs().max() / ref.float().abs().max()).item()
             row = dict(kv_heads=Hkv, context=N, **dict(zip(GRID, values)), rel_err=err, sdpa_ms=sdpa_ms)
@@ -46,7 +46,7 @@ def main():
                 row["vs_sdpa"] = row["ms"] / sdpa_ms
             rec["rows"].append(row)
             print(json.dumps(row), flush=True)
-        sda.TUNING.update(base)
+        sda.TUNING["dense"].update(base)
         del q, k, v
         torch.cuda.empty_cache()
     worst = {}
