@@ -294,7 +294,7 @@ def test_every_chunk_read_in_order(poison_empty, dtype, with_length, splits):
 
 
 @pytest.mark.parametrize("B,Hkv,programs_per_sm,splits,n_valid", [
-    pytest.param(1, 4, 3, None, None, id="3-programs-4-kv-heads"),      # shares hold whole kv heads and cross into the next
+    pytest.param(1, 4, 6, None, None, id="6-programs-4-kv-heads"),      # shares cross from one kv head into the next
     pytest.param(2, 2, 1, 3, None, id="12-programs-28-steps"),
     pytest.param(2, 2, 1, 5, (3, 1), id="more-programs-than-steps"),    # some shares are empty; a row that sees nothing
     pytest.param(1, 1, 1, 4, (101,), id="one-kv-head-4-programs"),

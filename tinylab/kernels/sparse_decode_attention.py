@@ -263,19 +263,18 @@ def dense_decode_attention_kernel(Q, K, V, O_PART, LSE_PART, OUT, LOCK, LENGTH,
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     sp = tl.arange(0, BLOCK_S)
-    g = g0
-    while g < g1:                                           # one (batch row, kv head) at a time
-        bh = g // steps
-        seg_end = tl.minimum(g1, (bh + 1) * steps)
+    for j in tl.static_range(2):                            # P >= B*Hkv: a share meets at most two (row, kv head)
+        bh = g0 // steps + j
+        lo, hi = tl.maximum(g0, bh * steps), tl.minimum(g1, (bh + 1) * steps)   # its steps here (none: lo >= hi)
         b, hk = bh // Hkv, bh % Hkv
         n_b = N
         if HAS_LENGTH:
-            n_b = tl.minimum(tl.load(LENGTH + b), N)
+            n_b = tl.minimum(tl.load(LENGTH + tl.minimum(b, B - 1)), N)   # (b = B past the last pair: nothing read)
         head, qi = hk * (R // NQ) + rows // NQ, rows % NQ
         q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qt + d[None, :],
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * scale
+                    mask=(rows < tl.where(lo < hi, R, 0))[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * scale
         m_i, l_i, acc = _attend_chunks(q, K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh, K,
-                                       (g - bh * steps) * BLOCK_C, (seg_end - bh * steps) * BLOCK_C, n_b,
+                                       (lo - bh * steps) * BLOCK_C, (hi - bh * steps) * BLOCK_C, n_b,
                                        n_b - NQ + qi, stride_kt, stride_vt, d, d_ok, CHUNK, BLOCK_C, BLOCK_R,
                                        BLOCK_D, DOT_FP32, True)
         has = l_i > 0
@@ -285,11 +284,11 @@ def dense_decode_attention_kernel(Q, K, V, O_PART, LSE_PART, OUT, LOCK, LENGTH,
         # holding step s is ceil((s+1)*P/W) - 1
         first = ((bh * steps + 1) * P + W - 1) // W - 1
         last = ((bh + 1) * steps * P + W - 1) // W - 1
-        if first == last:                                   # all of it in this program: its output is the answer
+        if (lo < hi) & (first == last):                     # all of it in this program: its output is the answer
             tl.store(OUT + b * stride_ob + head[:, None] * stride_oh + qi[:, None] * stride_ot + d[None, :],
                      out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-        else:                                               # a partial, merged by the last of them to finish
-            part = 2 * p + (bh != g0 // steps)              # a share's partials: its first and its last (row, head)
+        if (lo < hi) & (first != last):                     # a partial, merged by the last of them to finish
+            part = 2 * p + j                                # a share's partials: its first and its last (row, head)
             tl.store(O_PART + (part * R + rows[:, None]) * D + d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
             tl.store(LSE_PART + part * R + rows, lse, mask=row_ok)
             tl.debug_barrier()
@@ -302,7 +301,6 @@ def dense_decode_attention_kernel(Q, K, V, O_PART, LSE_PART, OUT, LOCK, LENGTH,
                 _merge_rows(O_PART, LSE_PART, OUT, 2 * prog + (bh != prog_start // steps), parts_ok, b, hk, NQ, R,
                             stride_ob, stride_oh, stride_ot, d, d_ok, D)
                 tl.atomic_xchg(LOCK + bh, 0)                # reset the counter for the next call
-        g = seg_end
 
 # %% ../../nbs/21a_sparse_decode_attention.ipynb #cell-027
 def _interpreting() -> bool:
@@ -432,14 +430,14 @@ def sparse_decode_attention(q, k, v, chunk_idx, chunk_size=8, scale=None, num_sp
 
 def _attend_every_chunk(q, k, v, out, length, chunk_size, scale, num_splits, R, block_c, block_r, block_d, dot_fp32, sms):
     """Step 3c's launch for `chunk_idx=None`: `num_splits` programs per (batch row, kv head) if given, else one wave
-    of `TUNING["dense"]["programs_per_sm"]` on every SM, never more than there are steps; partials for at most two
-    (batch row, kv head) per program."""
+    of `TUNING["dense"]["programs_per_sm"]` on every SM; never fewer than one per (batch row, kv head), nor more than
+    there are steps. Room for two partials per program."""
     B, H, NQ, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     tuning = TUNING["dense"]
     steps = triton.cdiv(triton.cdiv(N, chunk_size), block_c)
     programs = num_splits * B * Hkv if num_splits is not None else tuning["programs_per_sm"] * sms
-    programs = max(1, min(programs, B * Hkv * steps))
+    programs = max(B * Hkv, min(programs, B * Hkv * steps))    # >= one per (batch row, kv head): a share meets <= 2
     n_part = 2 * programs * R
     counters, scratch = _scratch(q.device, B * Hkv, n_part * (D + 1))
     dense_decode_attention_kernel[(programs,)](
