@@ -291,24 +291,3 @@ def test_every_chunk_read_in_order(poison_empty, dtype, with_length, splits):
     assert_close("ref", listed, sparse_decode_attention_ref(q, k, v, None, length=length), 1e-6)
     dense = sparse_decode_attention(q, k, v, None, num_splits=splits, use_triton=True, length=length)
     assert_close("triton", listed, dense, TOL[dtype])
-
-
-@pytest.mark.parametrize("B,Hkv,programs_per_sm,splits,n_valid", [
-    pytest.param(1, 4, 6, None, None, id="6-programs-4-kv-heads"),      # shares cross from one kv head into the next
-    pytest.param(2, 2, 1, 3, None, id="12-programs-28-steps"),
-    pytest.param(2, 2, 1, 5, (3, 1), id="more-programs-than-steps"),    # some shares are empty; a row that sees nothing
-    pytest.param(1, 1, 1, 4, (101,), id="one-kv-head-4-programs"),
-])
-def test_every_chunk_in_equal_shares(poison_empty, monkeypatch, B, Hkv, programs_per_sm, splits, n_valid):
-    """Step 3c: the (batch row, kv head, step) list cut into equal shares, one per program, merged by the last program
-    of each kv head; the partials' scratch (filled with NaN) is written before it is read, and the counters end at zero."""
-    from tinylab.kernels import sparse_decode_attention as mod
-    monkeypatch.setitem(mod.TUNING, "dense", dict(mod.TUNING["dense"], programs_per_sm=programs_per_sm))
-    q, k, v, _ = make(B, 3 * Hkv, Hkv, 2, 101, 16, 1, torch.float32, seed=7)
-    length = None if n_valid is None else torch.tensor(n_valid, dtype=torch.int32, device=DEVICE)
-    sparse_decode_attention(q, k, v, None, num_splits=splits, use_triton=True, length=length)   # the scratch exists now
-    for _, floats in mod._SCRATCH.values():
-        floats.fill_(float("nan"))
-    out = sparse_decode_attention(q, k, v, None, num_splits=splits, use_triton=True, length=length)
-    assert_close("out", sparse_decode_attention_ref(q, k, v, None, length=length), out, 1e-4)
-    assert all(int(counters.abs().sum()) == 0 for counters, _ in mod._SCRATCH.values())

@@ -14,7 +14,7 @@ import triton.language as tl
 
 # %% auto #0
 __all__ = ['MAX_ROWS', 'SMEM_BYTES', 'TUNING', 'sparse_decode_attention_ref', 'sparse_decode_attention_kernel',
-           'combine_splits_kernel', 'dense_decode_attention_kernel', 'sparse_decode_attention']
+           'combine_splits_kernel', 'sparse_decode_attention']
 
 # %% ../../nbs/21a_sparse_decode_attention.ipynb #cell-009
 MAX_ROWS = 128  # query rows (heads per kv head x new tokens) one call may hold
@@ -97,20 +97,45 @@ def sparse_decode_attention_ref(q, k, v, chunk_idx, chunk_size=8, scale=None, nu
     return (w @ vs).reshape(B, H, NQ, D).to(q.dtype)
 
 # %% ../../nbs/21a_sparse_decode_attention.ipynb #cell-019
-@triton.jit
-def _attend_chunks(q, ks, vs, ids, start, end, N, limit, stride_kt, stride_vt, d, d_ok,
-                   CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                   DOT_FP32: tl.constexpr, DENSE: tl.constexpr):
-    """Online softmax of the query rows `q` (scaled, fp32) over entries [start, end) of the chunk list (`DENSE`:
-    chunks start .. end-1 of the cache): the running maximum m, sum l and unnormalised output acc of each row."""
+# sizes that change from one decoding step to the next are not specialised on (Triton would compile a variant for each
+# value that is 1 or a multiple of 16, seconds each, in the middle of decoding)
+@triton.jit(do_not_specialize=["stride_qb", "stride_ib", "stride_ih", "N", "M", "NQ", "R", "chunks_per_split",
+                               "stride_ob", "stride_oh", "stride_ot"])
+def sparse_decode_attention_kernel(Q, K, V, IDX, O_PART, LSE_PART,
+                                   stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                                   stride_vb, stride_vh, stride_vt, stride_ib, stride_ih,
+                                   Hkv, N, M, NQ, R, scale, chunks_per_split,
+                                   D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr,
+                                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
+                                   OUT=None, LOCK=None, stride_ob=0, stride_oh=0, stride_ot=0,
+                                   MERGE: tl.constexpr = False, BLOCK_S: tl.constexpr = 2,
+                                   LENGTH=None, HAS_LENGTH: tl.constexpr = False, DENSE: tl.constexpr = False):
+    pid_bh, split = tl.program_id(0), tl.program_id(1)
+    b, hk = (pid_bh // Hkv).to(tl.int64), pid_bh % Hkv       # int64: b * stride_kb passes 2**31 in long caches
+    n_splits = tl.num_programs(1)
+    if HAS_LENGTH:  # the cache's valid tokens, read on the device: one launch serves every length (CUDA graphs)
+        N = tl.minimum(tl.load(LENGTH + b), N)
+    # the R = G*NQ query rows sharing kv head hk: row r is head hk*G + r//NQ, new token r % NQ
+    rows = tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    head, qi = hk * (R // NQ) + rows // NQ, rows % NQ
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qt + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * scale
+    limit = N - NQ + qi                                     # the last key position row r may see
     # BLOCK_C chunks = BLOCK_C*CHUNK token rows per step: slot n // CHUNK, offset n % CHUNK in its chunk
     n = tl.arange(0, BLOCK_C * CHUNK)
     slot, within = n // CHUNK, n % CHUNK
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    start = split * chunks_per_split
+    end = tl.minimum(start + chunks_per_split, M)
     if DENSE:  # chunks past the valid tokens hold nothing to read
         end = tl.minimum(end, tl.cdiv(N, CHUNK))
+    ids = IDX + b * stride_ib + hk * stride_ih
+    ks, vs = K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh
     for c0 in range(start, end, BLOCK_C):
         s_ok = c0 + slot < end
         if DENSE:  # every chunk in order: the rows are c0*CHUNK + n, one contiguous run of the cache, no ids to wait for
@@ -140,59 +165,6 @@ def _attend_chunks(q, ks, vs, ids, start, end, N, limit, stride_kt, stride_vt, d
             pv = tl.dot(p.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
-    return m_i, l_i, acc
-
-
-@triton.jit
-def _merge_rows(O_PART, LSE_PART, OUT, parts, parts_ok, b, hk, NQ, R, stride_ob, stride_oh, stride_ot, d, d_ok,
-                D: tl.constexpr):
-    """Step 3 for one (batch row, kv head), inside a launch: merge the partials `parts` (a vector of partial
-    indices; `parts_ok` masks it) of each of its R rows into the output, row by row. The partials were written by
-    other programs of this launch: read them past the L1 cache (`.cg`)."""
-    for r in range(0, R):                                   # row by row: (partials, D) tiles
-        lse_r = tl.load(LSE_PART + parts * R + r, mask=parts_ok, other=float("-inf"), cache_modifier=".cg")
-        m = tl.max(lse_r, 0)
-        w = tl.exp(lse_r - tl.where(m == float("-inf"), 0.0, m))
-        o = tl.load(O_PART + (parts[:, None] * R + r) * D + d[None, :], mask=parts_ok[:, None] & d_ok[None, :],
-                    other=0.0, cache_modifier=".cg")
-        total = tl.sum(w, 0)
-        merged = tl.sum(w[:, None] * o, 0) / tl.where(total > 0, total, 1.0)
-        h_r, q_r = hk * (R // NQ) + r // NQ, r % NQ
-        tl.store(OUT + b * stride_ob + h_r * stride_oh + q_r * stride_ot + d, merged.to(OUT.dtype.element_ty), mask=d_ok)
-
-
-# sizes that change from one decoding step to the next are not specialised on (Triton would compile a variant for each
-# value that is 1 or a multiple of 16, seconds each, in the middle of decoding)
-@triton.jit(do_not_specialize=["stride_qb", "stride_ib", "stride_ih", "N", "M", "NQ", "R", "chunks_per_split",
-                               "stride_ob", "stride_oh", "stride_ot"])
-def sparse_decode_attention_kernel(Q, K, V, IDX, O_PART, LSE_PART,
-                                   stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-                                   stride_vb, stride_vh, stride_vt, stride_ib, stride_ih,
-                                   Hkv, N, M, NQ, R, scale, chunks_per_split,
-                                   D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr,
-                                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
-                                   OUT=None, LOCK=None, stride_ob=0, stride_oh=0, stride_ot=0,
-                                   MERGE: tl.constexpr = False, BLOCK_S: tl.constexpr = 2,
-                                   LENGTH=None, HAS_LENGTH: tl.constexpr = False):
-    pid_bh, split = tl.program_id(0), tl.program_id(1)
-    b, hk = (pid_bh // Hkv).to(tl.int64), pid_bh % Hkv       # int64: b * stride_kb passes 2**31 in long caches
-    n_splits = tl.num_programs(1)
-    if HAS_LENGTH:  # the cache's valid tokens, read on the device: one launch serves every length (CUDA graphs)
-        N = tl.minimum(tl.load(LENGTH + b), N)
-    # the R = G*NQ query rows sharing kv head hk: row r is head hk*G + r//NQ, new token r % NQ
-    rows = tl.arange(0, BLOCK_R)
-    row_ok = rows < R
-    head, qi = hk * (R // NQ) + rows // NQ, rows % NQ
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qt + d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * scale
-    limit = N - NQ + qi                                     # the last key position row r may see
-    start = split * chunks_per_split
-    m_i, l_i, acc = _attend_chunks(q, K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh,
-                                   IDX + b * stride_ib + hk * stride_ih, start, tl.minimum(start + chunks_per_split, M),
-                                   N, limit, stride_kt, stride_vt, d, d_ok, CHUNK, BLOCK_C, BLOCK_R, BLOCK_D,
-                                   DOT_FP32, False)
     # this split's normalised output and log-sum-exp (-inf where it saw no key)
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -215,8 +187,19 @@ def sparse_decode_attention_kernel(Q, K, V, IDX, O_PART, LSE_PART,
         if done == n_splits - 1:
             tl.debug_barrier()
             sp = tl.arange(0, BLOCK_S)
-            _merge_rows(O_PART, LSE_PART, OUT, pid_bh * n_splits + sp, sp < n_splits, b, hk, NQ, R,
-                        stride_ob, stride_oh, stride_ot, d, d_ok, D)
+            sp_ok = sp < n_splits
+            for r in range(0, R):                           # row by row: (splits, D) tiles
+                lse_r = tl.load(LSE_PART + (pid_bh * n_splits + sp) * R + r, mask=sp_ok, other=float("-inf"),
+                                cache_modifier=".cg")
+                m = tl.max(lse_r, 0)
+                w = tl.exp(lse_r - tl.where(m == float("-inf"), 0.0, m))
+                o = tl.load(O_PART + ((pid_bh * n_splits + sp[:, None]) * R + r) * D + d[None, :],
+                            mask=sp_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
+                total = tl.sum(w, 0)
+                merged = tl.sum(w[:, None] * o, 0) / tl.where(total > 0, total, 1.0)
+                h_r, q_r = hk * (R // NQ) + r // NQ, r % NQ
+                tl.store(OUT + b * stride_ob + h_r * stride_oh + q_r * stride_ot + d, merged.to(OUT.dtype.element_ty),
+                         mask=d_ok)
             tl.atomic_xchg(LOCK + pid_bh, 0)                # reset the counter for the next call
 
 # %% ../../nbs/21a_sparse_decode_attention.ipynb #cell-023
@@ -240,68 +223,6 @@ def combine_splits_kernel(O_PART, LSE_PART, OUT, stride_ob, stride_oh, stride_ot
     head, qi = hk * (R // NQ) + r // NQ, r % NQ
     tl.store(OUT + b * stride_ob + head * stride_oh + qi * stride_ot + d, out.to(OUT.dtype.element_ty), mask=d_ok)
 
-# %% ../../nbs/21a_sparse_decode_attention.ipynb #dense-stream-code
-@triton.jit(do_not_specialize=["stride_qb", "N", "NQ", "R", "stride_ob", "stride_oh", "stride_ot"])
-def dense_decode_attention_kernel(Q, K, V, O_PART, LSE_PART, OUT, LOCK, LENGTH,
-                                  stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-                                  stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
-                                  B, Hkv, N, NQ, R, scale,
-                                  D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-                                  BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_S: tl.constexpr,
-                                  BLOCK_B: tl.constexpr, HAS_LENGTH: tl.constexpr):
-    p, P = tl.program_id(0).to(tl.int64), tl.num_programs(0)
-    # the work: every (batch row, kv head) has `steps` steps of BLOCK_C chunks, as many as its longest row needs
-    n_max = N
-    if HAS_LENGTH:
-        lens = tl.load(LENGTH + tl.arange(0, BLOCK_B), mask=tl.arange(0, BLOCK_B) < B, other=0)
-        n_max = tl.minimum(tl.max(lens, 0), N)
-    steps = tl.maximum(tl.cdiv(tl.cdiv(n_max, CHUNK), BLOCK_C), 1)
-    W = (B * Hkv * steps).to(tl.int64)                      # steps of the flattened (batch row, kv head, step) list
-    g0, g1 = p * W // P, (p + 1) * W // P                   # this program's equal share of it
-    rows = tl.arange(0, BLOCK_R)
-    row_ok = rows < R
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    sp = tl.arange(0, BLOCK_S)
-    for j in tl.static_range(2):                            # P >= B*Hkv: a share meets at most two (row, kv head)
-        bh = g0 // steps + j
-        lo, hi = tl.maximum(g0, bh * steps), tl.minimum(g1, (bh + 1) * steps)   # its steps here (none: lo >= hi)
-        b, hk = bh // Hkv, bh % Hkv
-        n_b = N
-        if HAS_LENGTH:
-            n_b = tl.minimum(tl.load(LENGTH + tl.minimum(b, B - 1)), N)   # (b = B past the last pair: nothing read)
-        head, qi = hk * (R // NQ) + rows // NQ, rows % NQ
-        q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qt + d[None, :],
-                    mask=(rows < tl.where(lo < hi, R, 0))[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * scale
-        m_i, l_i, acc = _attend_chunks(q, K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh, K,
-                                       (lo - bh * steps) * BLOCK_C, (hi - bh * steps) * BLOCK_C, n_b,
-                                       n_b - NQ + qi, stride_kt, stride_vt, d, d_ok, CHUNK, BLOCK_C, BLOCK_R,
-                                       BLOCK_D, DOT_FP32, True)
-        has = l_i > 0
-        out = acc / tl.where(has, l_i, 1.0)[:, None]
-        lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
-        # the programs whose shares meet this (batch row, kv head): program p starts at step p*W//P, so the one
-        # holding step s is ceil((s+1)*P/W) - 1
-        first = ((bh * steps + 1) * P + W - 1) // W - 1
-        last = ((bh + 1) * steps * P + W - 1) // W - 1
-        if (lo < hi) & (first == last):                     # all of it in this program: its output is the answer
-            tl.store(OUT + b * stride_ob + head[:, None] * stride_oh + qi[:, None] * stride_ot + d[None, :],
-                     out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-        if (lo < hi) & (first != last):                     # a partial, merged by the last of them to finish
-            part = 2 * p + j                                # a share's partials: its first and its last (row, head)
-            tl.store(O_PART + (part * R + rows[:, None]) * D + d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
-            tl.store(LSE_PART + part * R + rows, lse, mask=row_ok)
-            tl.debug_barrier()
-            done = tl.atomic_add(LOCK + bh, 1, sem="acq_rel", scope="gpu")
-            prog = first + sp
-            prog_start = prog * W // P
-            parts_ok = (prog <= last) & (prog_start < (prog + 1) * W // P)   # (a share can be empty when W < P)
-            if done == tl.sum(parts_ok.to(tl.int32), 0) - 1:
-                tl.debug_barrier()
-                _merge_rows(O_PART, LSE_PART, OUT, 2 * prog + (bh != prog_start // steps), parts_ok, b, hk, NQ, R,
-                            stride_ob, stride_oh, stride_ot, d, d_ok, D)
-                tl.atomic_xchg(LOCK + bh, 0)                # reset the counter for the next call
-
 # %% ../../nbs/21a_sparse_decode_attention.ipynb #cell-027
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -318,8 +239,8 @@ def _smem_bytes(block_r: int, block_d: int, rows: int, elt: int, stages: int = 2
 # programs per SM the splits aim for (one wave), the most splits, and the most query rows per kv head whose merge
 # runs in the same launch (more rows: the separate merge kernel, one program per row), called eagerly and while a
 # CUDA graph is captured (where a second launch costs nothing, and the separate merge is faster for several rows)
-# `dense`: the same for every chunk in order (`chunk_idx=None`, step 3c), whose rows are one contiguous run: longer
-# steps, and one program per SM, each with an equal share of all the kv heads' steps
+# `dense`: the same four for every chunk in order (`chunk_idx=None`), whose rows are one contiguous run: twice the
+# rows a step, twice the warps, a third stage, and so one program per SM
 TUNING = dict(block_tokens=64, num_warps=4, num_stages=2, programs_per_sm=4, max_splits=64, merge_rows=8,
               graph_merge_rows=1, dense=dict(block_tokens=128, num_warps=8, num_stages=3, programs_per_sm=1))
 
@@ -378,7 +299,7 @@ def sparse_decode_attention(q, k, v, chunk_idx, chunk_size=8, scale=None, num_sp
         return sparse_decode_attention_ref(q, k, v, chunk_idx, chunk_size, scale, num_splits, length)
     R = (H // Hkv) * NQ
     scale = D ** -0.5 if scale is None else float(scale)
-    tuning = TUNING["dense"] if chunk_idx is None else TUNING
+    tuning = TUNING["dense"] if chunk_idx is None else TUNING           # the launch settings of this path
     BLOCK_C = max(1, (tuning["block_tokens"] if q.is_cuda else 16) // chunk_size)   # chunks per step (>= 16 rows for tl.dot)
     BLOCK_R, BLOCK_D = max(16, triton.next_power_of_2(R)), max(16, triton.next_power_of_2(D))
     dot_fp32 = q.dtype == torch.float32 or not q.is_cuda
@@ -394,57 +315,37 @@ def sparse_decode_attention(q, k, v, chunk_idx, chunk_size=8, scale=None, num_sp
             raise ValueError(f"sparse_decode_attention: {R} query rows per kv head (heads per kv head x NQ), head dim {D} "
                              f"and chunk_size {chunk_size} in {q.dtype} need about {need} bytes of shared memory; this GPU "
                              f"has {limit}: use fewer rows, a smaller chunk_size or head dim")
-    out = torch.empty(B, H, NQ, D, device=q.device, dtype=q.dtype)
-    if chunk_idx is None:
-        _attend_every_chunk(q, k, v, out, length, chunk_size, scale, num_splits, R, BLOCK_C, BLOCK_R, BLOCK_D,
-                            dot_fp32, sms)
-        return out
     if num_splits is None:  # one wave: programs_per_sm programs on every SM, at most max_splits per kv head
         num_splits = max(1, min(triton.cdiv(M, BLOCK_C), TUNING["max_splits"],
-                                TUNING["programs_per_sm"] * sms // (B * Hkv)))
+                                tuning["programs_per_sm"] * sms // (B * Hkv)))
     chunks_per_split = triton.cdiv(triton.cdiv(max(M, 1), num_splits), BLOCK_C) * BLOCK_C
     num_splits = triton.cdiv(max(M, 1), chunks_per_split)
     BLOCK_S = max(2, triton.next_power_of_2(num_splits))
     # merge in the same launch (one split: no merge at all) unless the rows are many or the splits' tile is large
     merge_rows = TUNING["graph_merge_rows" if q.is_cuda and torch.cuda.is_current_stream_capturing() else "merge_rows"]
     merge = num_splits == 1 or (R <= merge_rows and BLOCK_S * BLOCK_D <= 8192)
-    idx = chunk_idx if chunk_idx.dtype == torch.int32 and chunk_idx.stride(-1) == 1 else chunk_idx.to(torch.int32).contiguous()
+    if chunk_idx is None:  # every chunk: the kernel computes the rows, `idx` is only a placeholder pointer
+        idx = k
+    elif chunk_idx.dtype == torch.int32 and chunk_idx.stride(-1) == 1:
+        idx = chunk_idx
+    else:
+        idx = chunk_idx.to(torch.int32).contiguous()
+    id_strides = (0, 0) if chunk_idx is None else (idx.stride(0), idx.stride(1))
+    out = torch.empty(B, H, NQ, D, device=q.device, dtype=q.dtype)
     n_part = 1 if num_splits == 1 else B * Hkv * num_splits * R     # (one element: no empty pointer)
     counters, scratch = _scratch(q.device, B * Hkv, n_part * (D + 1))
     o_part, lse_part = scratch[:n_part * D], scratch[n_part * D:n_part * (D + 1)]
     sparse_decode_attention_kernel[(B * Hkv, num_splits)](
         q, k, v, idx, o_part, lse_part,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), idx.stride(0), idx.stride(1),
+        v.stride(0), v.stride(1), v.stride(2), *id_strides,
         Hkv, N, M, NQ, R, scale, chunks_per_split,
         D=D, CHUNK=chunk_size, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, DOT_FP32=dot_fp32,
         OUT=out, LOCK=counters if merge else o_part, stride_ob=out.stride(0),
         stride_oh=out.stride(1), stride_ot=out.stride(2), MERGE=merge, BLOCK_S=BLOCK_S,
-        LENGTH=length, HAS_LENGTH=length is not None, num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"])
+        LENGTH=length, HAS_LENGTH=length is not None, DENSE=chunk_idx is None, num_warps=tuning["num_warps"], num_stages=tuning["num_stages"])
     if not merge:
         combine_splits_kernel[(B * Hkv * R,)](
             o_part, lse_part, out, out.stride(0), out.stride(1), out.stride(2), Hkv, NQ, R, num_splits,
             D=D, BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D)
     return out
-
-
-def _attend_every_chunk(q, k, v, out, length, chunk_size, scale, num_splits, R, block_c, block_r, block_d, dot_fp32, sms):
-    """Step 3c's launch for `chunk_idx=None`: `num_splits` programs per (batch row, kv head) if given, else one wave
-    of `TUNING["dense"]["programs_per_sm"]` on every SM; never fewer than one per (batch row, kv head), nor more than
-    there are steps. Room for two partials per program."""
-    B, H, NQ, D = q.shape
-    Hkv, N = k.shape[1], k.shape[2]
-    tuning = TUNING["dense"]
-    steps = triton.cdiv(triton.cdiv(N, chunk_size), block_c)
-    programs = num_splits * B * Hkv if num_splits is not None else tuning["programs_per_sm"] * sms
-    programs = max(B * Hkv, min(programs, B * Hkv * steps))    # >= one per (batch row, kv head): a share meets <= 2
-    n_part = 2 * programs * R
-    counters, scratch = _scratch(q.device, B * Hkv, n_part * (D + 1))
-    dense_decode_attention_kernel[(programs,)](
-        q, k, v, scratch[:n_part * D], scratch[n_part * D:n_part * (D + 1)], out, counters, length,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        B, Hkv, N, NQ, R, scale, D=D, CHUNK=chunk_size, BLOCK_C=block_c, BLOCK_R=block_r, BLOCK_D=block_d,
-        DOT_FP32=dot_fp32, BLOCK_S=triton.next_power_of_2(triton.cdiv(programs, B * Hkv) + 2),
-        BLOCK_B=triton.next_power_of_2(B), HAS_LENGTH=length is not None, num_warps=tuning["num_warps"],
-        num_stages=tuning["num_stages"])
