@@ -1,6 +1,6 @@
 """Sweep of the sparse decode attention's launch settings for every chunk in order (`TUNING["dense"]` in
-nbs/21a_sparse_decode_attention.ipynb: `chunk_idx=None`, the target's full-cache step, step 3c's equal shares), for one
-new token, beside PyTorch's SDPA, on one GPU. Llama2-7B's attention shape (32 heads of 128, bf16), 32 and 8 kv heads, 16K to 120K
+nbs/21a_sparse_decode_attention.ipynb: `chunk_idx=None`, the target's full-cache step), for one new token, beside
+PyTorch's SDPA, on one GPU. Llama2-7B's attention shape (32 heads of 128, bf16), 32 and 8 kv heads, 16K to 120K
 tokens. Each setting is checked against SDPA before it is timed; times are GPU ms from CUDA graphs
 (`tinylab.core.cuda_graph_ms`, no launch cost). The best setting is the one whose worst ratio to SDPA is least.
 Usage: PYTHONPATH=. python3 benchmarks/decode_tuning_sweep.py --out sweep.json"""
