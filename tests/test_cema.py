@@ -5,10 +5,17 @@ import math
 import pytest
 import torch
 
-from tinylab.kernels.cema import cema, cema_fft, cema_ref
+from tinylab.kernels.cema import _cema_blocks, cema, cema_fft, cema_ref
 from kernel_asserts import assert_close
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float64: 1e-10}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"     # on a CPU the Triton kernels run in the interpreter
+
+
+def segments_of(T, tiles):
+    "(S, seg_len) for segments of `tiles` tiles of BLOCK_T steps on this device (8 in the interpreter, 16 on a GPU)."
+    seg_len = tiles * _cema_blocks(T, 1, 1, DEVICE == "cuda")[0]
+    return -(-T // seg_len), seg_len
 
 
 def make(B, T, D, N, dtype=torch.float32, seed=0, h0=True):
@@ -21,7 +28,7 @@ def make(B, T, D, N, dtype=torch.float32, seed=0, h0=True):
     gamma = (torch.complex(torch.randn(D, N, generator=g), torch.randn(D, N, generator=g)) / math.sqrt(N)).to(cplx)
     x = torch.randn(B, T, D, generator=g).to(dtype)
     hx = torch.randn(B, D, N, generator=g, dtype=cplx) if h0 else None
-    return x, alpha.to(real), q, gamma, hx
+    return tuple(None if t is None else t.to(DEVICE) for t in (x, alpha.to(real), q, gamma, hx))
 
 
 SHAPES = [pytest.param(1, 1, 1, 1, id="T1-D1-N1"), pytest.param(2, 19, 5, 3, id="T19-D5-N3"),
@@ -86,22 +93,25 @@ def test_carried_state_equals_one_pass():
 
 
 # time segments (issue #15): pass 1 keeps each full segment's end state, pass 2 starts every segment from the carry
-# those give. (S, seg_len) at odd sizes in the interpreter's tiles (BLOCK_T = 8): the last segment partial or full.
-SEGMENTS = [pytest.param(2, 19, 5, 3, (3, 8), id="T19-S3-last3"), pytest.param(1, 37, 6, 4, (3, 16), id="T37-S3-last5"),
-            pytest.param(3, 24, 3, 2, (3, 8), id="T24-S3-full"), pytest.param(1, 33, 7, 16, (5, 8), id="T33-S5-last1")]
+# those give. Segments of 1 or 2 tiles at odd sizes; the ids name the interpreter's (BLOCK_T = 8): the last segment
+# partial or full (on a GPU, BLOCK_T = 16: 2 or 3 segments)
+SEGMENTS = [pytest.param(2, 19, 5, 3, 1, id="T19-S3-last3"), pytest.param(1, 37, 6, 4, 2, id="T37-S3-last5"),
+            pytest.param(3, 24, 3, 2, 1, id="T24-S3-full"), pytest.param(1, 33, 7, 16, 1, id="T33-S5-last1")]
 
 
 @pytest.mark.parametrize("use_h0", [False, True], ids=["no-h0", "h0"])
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
-@pytest.mark.parametrize("B,T,D,N,segments", SEGMENTS)
-def test_segmented_forward(poison_empty, B, T, D, N, segments, dtype, use_h0):
+@pytest.mark.parametrize("B,T,D,N,tiles", SEGMENTS)
+def test_segmented_forward(poison_empty, B, T, D, N, tiles, dtype, use_h0):
     "Several segments == the reference, and the saved chunk-start states == those of one segment (the backward's input)."
     from tinylab.kernels.cema import _cema_forward
     x, p, q, g, h0 = make(B, T, D, N, dtype, h0=use_h0)
     y_ref, h_ref = cema_ref(x, p, q, g, h0)
-    y, h, hs = _cema_forward(x, p, q, g, h0, save_states=True, segments=segments)
-    _, _, hs_one = _cema_forward(x, p, q, g, h0, save_states=True, segments=(1, 8 * ((T + 7) // 8)))
-    assert y.dtype == dtype and hs.shape == hs_one.shape == (B, (T + 7) // 8, D, N, 2)
+    S, seg_len = segments_of(T, tiles)
+    n_tiles = -(-T // (seg_len // tiles))
+    y, h, hs = _cema_forward(x, p, q, g, h0, save_states=True, segments=(S, seg_len))
+    _, _, hs_one = _cema_forward(x, p, q, g, h0, save_states=True, segments=segments_of(T, n_tiles))
+    assert S >= 2 and y.dtype == dtype and hs.shape == hs_one.shape == (B, n_tiles, D, N, 2)
     assert_close("y", y_ref.float(), y.float(), TOL[dtype])
     assert_close("h_T", h_ref, h, TOL[torch.float32])
     assert_close("chunk states", hs_one, hs, 1e-5)
@@ -122,9 +132,9 @@ def test_segmented_zero_and_unit_decay():
     from tinylab.kernels.cema import _cema_forward
     x, p, q, g, h0 = make(1, 27, 3, 2)
     q = q.clone()
-    q[0, 0], q[1, 1] = 0, torch.polar(torch.tensor(1.0), torch.tensor(2.5))
+    q[0, 0], q[1, 1] = 0, torch.polar(torch.tensor(1.0), torch.tensor(2.5)).to(q.device)
     want = cema_ref(x.double(), p.double(), q.to(torch.complex128), g.to(torch.complex128), h0.to(torch.complex128))
-    y, h, _ = _cema_forward(x, p, q, g, h0, save_states=False, segments=(4, 8))
+    y, h, _ = _cema_forward(x, p, q, g, h0, save_states=False, segments=segments_of(27, 1))
     assert_close("y", want[0], y, 1e-5)
     assert_close("h_T", want[1], h, 1e-5)
 
@@ -136,7 +146,7 @@ def test_both_ways_of_carrying_the_state(monkeypatch, poison_empty, fold):
     monkeypatch.setitem(m.TUNING, "fold_state", fold)
     x, p, q, g, h0 = make(2, 21, 5, 3)
     y_ref, h_ref = cema_ref(x, p, q, g, h0)
-    y, h, _ = m._cema_forward(x, p, q, g, h0, save_states=True, segments=(3, 8))
+    y, h, _ = m._cema_forward(x, p, q, g, h0, save_states=True, segments=segments_of(21, 1))
     assert_close("y", y_ref, y, 1e-4)
     assert_close("h_T", h_ref, h, 1e-4)
 
@@ -178,7 +188,7 @@ def test_bad_inputs(mutate, exc, match):
 def test_device_mismatch():
     x, p, q, g, h0 = make(1, 5, 4, 3)
     with pytest.raises(ValueError, match="device"):
-        cema(x.cuda(), p, q, g)
+        cema(x, p.cpu(), q, g)
 
 
 @pytest.mark.parametrize("backend", ["ref", "fft", "triton"])
@@ -257,3 +267,13 @@ def test_segments_benchmark_smoke(tmp_path):
     assert {"new_fp32_call_ms", "new_bf16_call_ms", "segments"} <= set(rec["rows"][0])
     assert rec["sweep"] and all("relerr_vs_fp64" in e for e in rec["sweep"])
     assert rec["tuning_default"] and "commit" in rec
+
+
+def test_bad_segments():
+    "A forced (S, seg_len) that does not tile T in whole tiles is refused (on a GPU it left outputs unwritten)."
+    from tinylab.kernels.cema import _cema_forward
+    x, p, q, g, h0 = make(1, 19, 3, 2)
+    bt = _cema_blocks(19, 3, 2, DEVICE == "cuda")[0]
+    for segments in [(2, 3), (1, bt), (9, 2 * bt), (2, 0)]:   # off the tiles, too short, empty segments, zero length
+        with pytest.raises(ValueError, match="segments"):
+            _cema_forward(x, p, q, g, h0, save_states=False, segments=segments)

@@ -292,6 +292,10 @@ def _cema_forward(x, p, q, gamma, h0, save_states: bool, segments: tuple[int, in
     nw = TUNING["num_warps"] if x.is_cuda else 4
     fold = bool(TUNING["fold_state"])
     n_chunks = triton.cdiv(T, BT)
+    if segments is not None and (segments[1] < 1 or segments[1] % BT
+                                 or not (segments[0] - 1) * segments[1] < T <= segments[0] * segments[1]):
+        raise ValueError(f"segments (S, seg_len) = {tuple(segments)}: seg_len must be a positive multiple of BLOCK_T = {BT} "
+                         f"and S segments of it must cover T = {T} with none empty")
     S, seg_len = segments or _cema_segments(B, T, triton.cdiv(D, BD), BT, x.device)
     y = torch.empty_like(x)
     hT = torch.empty(B, D, N, 2, dtype=real, device=x.device)
