@@ -65,8 +65,8 @@ def gates(old, dev, sizes, log):
         p, q, g = params(D, N, device=dev)
         x = torch.randn(B, T, D, device=dev)
         h0 = torch.randn(B, D, N, dtype=torch.complex64, device=dev) * 0.3
-        S, seg_len = new._cema_segments(B, T, triton.cdiv(D, new._cema_blocks(T, D, N, dev == "cuda")[1]),
-                                         new._cema_blocks(T, D, N, dev == "cuda")[0], torch.device(dev))
+        BT, BD, _ = new._fwd_blocks(T, D, N, dev == "cuda")
+        S, seg_len = new._cema_segments(B, T, triton.cdiv(D, BD), BT, torch.device(dev))
         key = f"B{B}_T{T}_D{D}_S{S}"
         c128 = lambda t: None if t is None else t.to(torch.complex128)
         for name, hh in (("noh0", None), ("h0", h0)):
@@ -161,8 +161,8 @@ def main():
         if dev == "cuda":
             torch.cuda.empty_cache()
         x = torch.randn(B, T, D, device=dev)
-        S, seg_len = new._cema_segments(B, T, triton.cdiv(D, new._cema_blocks(T, D, N, dev == "cuda")[1]),
-                                         new._cema_blocks(T, D, N, dev == "cuda")[0], torch.device(dev))
+        BT, BD, _ = new._fwd_blocks(T, D, N, dev == "cuda")
+        S, seg_len = new._cema_segments(B, T, triton.cdiv(D, BD), BT, torch.device(dev))
         row = {"T": T, "segments": S, "seg_len": seg_len}
         try:
             for dname, xx in (("fp32", x), ("bf16", x.bfloat16())):
@@ -201,7 +201,7 @@ def main():
             try:
                 y, _ = new.cema(x, p, q, g, backend="triton")
                 err = rel_err(y, yf)
-                BT, BD, _ = new._cema_blocks(T, D, N, dev == "cuda")
+                BT, BD, _ = new._fwd_blocks(T, D, N, dev == "cuda")
                 S, seg_len = new._cema_segments(B, T, triton.cdiv(D, BD), BT, torch.device(dev))
                 ent = {"T": T, **tun, "segments": S, "seg_len": seg_len, "programs": B * triton.cdiv(D, BD) * S,
                        "relerr_vs_fp64": err}
@@ -227,7 +227,8 @@ def main():
                 try:
                     y, _ = new.cema(x, p, q, g, backend="triton")
                     err = rel_err(y, yf)
-                    S, seg_len = new._cema_segments(B, T, triton.cdiv(D, bd), 16, torch.device(dev))
+                    BT, BD, _ = new._fwd_blocks(T, D, N, dev == "cuda")
+                    S, seg_len = new._cema_segments(B, T, triton.cdiv(D, BD), BT, torch.device(dev))
                     ent = {"T": T, "stage": 2, **tun, "segments": S, "seg_len": seg_len, "relerr_vs_fp64": err}
                     if err < 1e-4:
                         ent["graph_ms"] = graph_ms(lambda: new.cema(x, p, q, g, backend="triton"))

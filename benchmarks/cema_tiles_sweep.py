@@ -11,6 +11,7 @@ The old kernel is read from benchmarks/_cema_old_tiles.py:
 `git show 8f9929b:tinylab/kernels/cema.py > benchmarks/_cema_old_tiles.py` (send it along to the GPU machine).
 Usage: PYTHONPATH=. python3 benchmarks/cema_tiles_sweep.py --out book/results/cema_tiles_h200.json"""
 import argparse
+import contextlib
 import datetime
 import importlib.util
 import json
@@ -48,6 +49,19 @@ def graph_ms(fn, elements):
     return cuda_graph_ms(fn, calls=20 if elements <= 4 * 1024 * 8192 else 5)
 
 
+@contextlib.contextmanager
+def launch(bt, bd, nw):
+    "The forward in (bt steps, bd channels) tiles and nw warps; the landed tiles and TUNING come back after, error or not."
+    blocks, landed = m._cema_blocks, dict(m.TUNING)
+    m._cema_blocks = lambda T_, D_, N_, on_gpu: (bt, bd, triton.next_power_of_2(N_))
+    m.TUNING.update(block_d=bd, num_warps=nw)
+    try:
+        yield
+    finally:
+        m._cema_blocks = blocks
+        m.TUNING.clear(); m.TUNING.update(landed)
+
+
 def segment_curve(old, B, D, T, dtype, save, bt, bd, nw, sms):
     "Old kernel's ms, and ours at each segment count that fits one GPU (segments of at least 4 tiles)."
     p, q, g = (t.cuda() for t in m.random_cema_params(D, 16))
@@ -56,17 +70,16 @@ def segment_curve(old, B, D, T, dtype, save, bt, bd, nw, sms):
     y_old = old._cema_forward(x, p, q, g, None, save_states=save)[0]
     row = dict(B=B, D=D, T=T, dtype=str(dtype).removeprefix("torch."), save=save, steps=bt, channels=bd, warps=nw,
                old_ms=graph_ms(lambda: old._cema_forward(x, p, q, g, None, save_states=save), x.numel()), ms={})
-    m._cema_blocks = lambda T_, D_, N_, on_gpu: (bt, bd, triton.next_power_of_2(N_))
-    m.TUNING.update(block_d=bd, num_warps=nw)
     tiles = triton.cdiv(T, bt)
-    for S in SEGMENTS:
-        seg_len = triton.cdiv(tiles, S) * bt
-        if (S > 1 and seg_len < 4 * bt) or B * triton.cdiv(D, bd) * S > sms * 64 // nw:
-            continue
-        seg = (triton.cdiv(T, seg_len), seg_len)
-        fn = lambda: m._cema_forward(x, p, q, g, None, save_states=save, segments=seg)
-        err = rel(fn()[0], y_old)
-        row["ms"][seg[0]] = graph_ms(fn, x.numel()) if err < (3e-2 if dtype == torch.bfloat16 else 2e-4) else f"error {err:.1e}"
+    with launch(bt, bd, nw):
+        for S in SEGMENTS:
+            seg_len = triton.cdiv(tiles, S) * bt
+            if (S > 1 and seg_len < 4 * bt) or B * triton.cdiv(D, bd) * S > sms * 64 // nw:
+                continue
+            seg = (triton.cdiv(T, seg_len), seg_len)
+            fn = lambda: m._cema_forward(x, p, q, g, None, save_states=save, segments=seg)
+            err = rel(fn()[0], y_old)
+            row["ms"][seg[0]] = graph_ms(fn, x.numel()) if err < (3e-2 if dtype == torch.bfloat16 else 2e-4) else f"error {err:.1e}"
     print(json.dumps(row), flush=True)
     return row
 
@@ -78,7 +91,7 @@ def main():
     t0 = time.time()
     old = load_old()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    landed_blocks, landed = m._cema_blocks, dict(m.TUNING)
+    landed = dict(m.TUNING)
     rec = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                commit=os.environ.get("TINYLAB_COMMIT"), script="benchmarks/cema_tiles_sweep.py", sms=sms,
@@ -91,8 +104,6 @@ def main():
                 rec["tiles"].append(segment_curve(old, 4, 1024, T, dtype, save, bt, bd, nw, sms))
     for B, D, T in WAVE_SHAPES:
         rec["waves"].append(segment_curve(old, B, D, T, torch.float32, False, 16, landed["block_d"], landed["num_warps"], sms))
-    m._cema_blocks = landed_blocks
-    m.TUNING.clear(); m.TUNING.update(landed)
     B, D, T = 4, 1024, 8192
     p, q, g = (t.cuda() for t in m.random_cema_params(D, 16))
     torch.manual_seed(0)
@@ -102,11 +113,13 @@ def main():
         return torch.autograd.grad(mod.CEMAFunction.apply(*ins, None)[0], ins, dy)
     ref = fwd_bwd(old)
     rec["backward"] = dict(B=B, D=D, T=T, old_ms=do_bench(lambda: fwd_bwd(old), return_mode="median"), warps={})
-    for nw in (1, 2, 4):
-        m.TUNING["bwd_num_warps"] = nw
-        err = max(rel(a, b) for a, b in zip(fwd_bwd(m), ref))
-        rec["backward"]["warps"][nw] = do_bench(lambda: fwd_bwd(m), return_mode="median") if err < 1e-3 else f"error {err:.1e}"
-    m.TUNING.update(landed)
+    try:
+        for nw in (1, 2, 4):
+            m.TUNING["bwd_num_warps"] = nw
+            err = max(rel(a, b) for a, b in zip(fwd_bwd(m), ref))
+            rec["backward"]["warps"][nw] = do_bench(lambda: fwd_bwd(m), return_mode="median") if err < 1e-3 else f"error {err:.1e}"
+    finally:
+        m.TUNING.update(landed)
     print(json.dumps(rec["backward"]), flush=True)
     rec["wall_s"] = round(time.time() - t0, 1)
     Path(args.out).write_text(json.dumps(rec, indent=1))

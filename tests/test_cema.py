@@ -165,6 +165,14 @@ def test_segment_choice(monkeypatch):
     assert m._cema_segments(4, 65536, 128, 16, cuda)[0] >= max(2, m.TUNING["min_segments"])
     assert m._cema_segments(1, 100000, 3, 16, cuda)[0] > 1
 
+def test_forward_blocks(monkeypatch):
+    "The forward's tiles: TUNING's channels per program on a GPU (what launches and benchmarks count programs by), `_cema_blocks`'s in the interpreter."
+    import tinylab.kernels.cema as m
+    assert m._fwd_blocks(8192, 1024, 16, True) == (16, m.TUNING["block_d"], 16)
+    assert m._fwd_blocks(8192, 1024, 16, False) == m._cema_blocks(8192, 1024, 16, False)
+    monkeypatch.setitem(m.TUNING, "block_d", None)
+    assert m._fwd_blocks(8192, 1024, 16, True) == m._cema_blocks(8192, 1024, 16, True)
+
 @pytest.mark.parametrize("mutate,exc,match", [
     (lambda a: {**a, "x": a["x"][0]}, ValueError, "x must be"),
     (lambda a: {**a, "x": a["x"].int()}, TypeError, "x must be float"),

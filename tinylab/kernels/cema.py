@@ -107,10 +107,22 @@ def _store_complex(PTR, offs, re, im, mask):
 
 # %% ../../nbs/11a_cema.ipynb #cell-022
 @triton.jit
+def _channel_tile(pid_d, D, N, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    "Channels `rd` of block `pid_d`, and the element offsets `nd` and mask of their (BLOCK_N, BLOCK_D) tile of (D, N) memory."
+    rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    rn = tl.arange(0, BLOCK_N)
+    return rd, rn[:, None] + rd[None, :] * N, (rn[:, None] < N) & (rd[None, :] < D)
+
+@triton.jit
+def _load_pq(P, Q, nd, nd_mask, ACC: tl.constexpr):
+    "p (real) and q (complex) of one block of channels at offsets `nd` of (D, N) memory."
+    q_re, q_im = _load_complex(Q, nd, nd_mask, ACC)
+    return tl.load(P + nd, mask=nd_mask, other=0.).to(ACC), q_re, q_im
+
+@triton.jit
 def _load_params(P, Q, G, nd, nd_mask, ACC: tl.constexpr):
     "One block of channels' parameters at offsets `nd` of (D, N) memory: p real, q and gamma complex."
-    p = tl.load(P + nd, mask=nd_mask, other=0.).to(ACC)
-    q_re, q_im = _load_complex(Q, nd, nd_mask, ACC)
+    p, q_re, q_im = _load_pq(P, Q, nd, nd_mask, ACC)
     g_re, g_im = _load_complex(G, nd, nd_mask, ACC)
     return p, q_re, q_im, g_re, g_im
 
@@ -148,12 +160,8 @@ def cema_seg_end_kernel(X, P, Q, END, T, D, N, seg_len,
     # Tiles are (BLOCK_T, BLOCK_N, BLOCK_D), as in the forward below.
     b, pid_d, s = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     rt = tl.arange(0, BLOCK_T)
-    rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    rn = tl.arange(0, BLOCK_N)
-    nd_mask = (rn[:, None] < N) & (rd[None, :] < D)
-    nd = rn[:, None] + rd[None, :] * N
-    p = tl.load(P + nd, mask=nd_mask, other=0.).to(ACC)
-    q_re, q_im = _load_complex(Q, nd, nd_mask, ACC)
+    rd, nd, nd_mask = _channel_tile(pid_d, D, N, BLOCK_D, BLOCK_N)
+    p, q_re, q_im = _load_pq(P, Q, nd, nd_mask, ACC)
     # a tile's weights w_t = q^(BLOCK_T-1-t): a reverse running product of (q, ..., q, 1); no scan per tile needed
     last = (rt == BLOCK_T - 1)[:, None, None]
     a_re = tl.where(last, 1., q_re[None, :, :] + tl.zeros([BLOCK_T, BLOCK_N, BLOCK_D], ACC))
@@ -191,10 +199,7 @@ def cema_fwd_kernel(X, P, Q, G, H0, Y, HT, HS, T, D, N,
     # h_t = A_t h + B_t after the scan, so the scan's running products of a go unused
     b, pid_d = tl.program_id(0).to(tl.int64), tl.program_id(1)      # int64: (b * T + t) * D passes 2**31
     rt = tl.arange(0, BLOCK_T)
-    rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    rn = tl.arange(0, BLOCK_N)
-    nd_mask = (rn[:, None] < N) & (rd[None, :] < D)                       # (BLOCK_N, BLOCK_D)
-    nd = rn[:, None] + rd[None, :] * N                                    # offsets in (D, N) memory
+    rd, nd, nd_mask = _channel_tile(pid_d, D, N, BLOCK_D, BLOCK_N)        # (BLOCK_N, BLOCK_D) offsets in (D, N) memory
     p, q_re, q_im, g_re, g_im = _load_params(P, Q, G, nd, nd_mask, ACC)
     state = b * D * N + nd                                                # offset into (B, D, N) states
     if HAS_H0:
@@ -280,15 +285,18 @@ def _cema_segments(B: int, T: int, D_blocks: int, BT: int, device: torch.device,
     seg_len = triton.cdiv(tiles, max(n, 1)) * BT
     return triton.cdiv(T, seg_len), seg_len
 
+def _fwd_blocks(T: int, D: int, N: int, on_gpu: bool) -> tuple[int, int, int]:
+    "The forward's (BLOCK_T, BLOCK_D, BLOCK_N): `_cema_blocks`'s, with TUNING's channels per program on a GPU."
+    BT, BD, BN = _cema_blocks(T, D, N, on_gpu)
+    return BT, (TUNING["block_d"] if on_gpu and TUNING["block_d"] else BD), BN
+
 def _cema_forward(x, p, q, gamma, h0, save_states: bool, segments: tuple[int, int] | None = None):
     """Launch the forward: y, h_T and (save_states) the chunk-start states HS (B, n_chunks, D, N, 2) the backward
     reads. `segments` = (S, seg_len) overrides the choice of `_cema_segments` (seg_len a multiple of BLOCK_T)."""
     B, T, D = x.shape
     N = p.shape[1]
     real, cplx = _acc_dtypes(x)
-    BT, BD, BN = _cema_blocks(T, D, N, x.is_cuda)   # BLOCK_T fixes the layout of HS; BLOCK_D is the forward's own
-    if x.is_cuda and TUNING["block_d"]:
-        BD = TUNING["block_d"]
+    BT, BD, BN = _fwd_blocks(T, D, N, x.is_cuda)    # BLOCK_T fixes the layout of HS; BLOCK_D is the forward's own
     nw = TUNING["num_warps"] if x.is_cuda else 4
     fold = bool(TUNING["fold_state"])
     n_chunks = triton.cdiv(T, BT)
@@ -326,10 +334,7 @@ def cema_bwd_kernel(X, P, Q, G, HS, DY, DHT, DX, DP, DQ, DG, DH0, T, D, N,
                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     b, pid_d = tl.program_id(0).to(tl.int64), tl.program_id(1)      # int64: (b * T + t) * D passes 2**31
     rt = tl.arange(0, BLOCK_T)
-    rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    rn = tl.arange(0, BLOCK_N)
-    nd_mask = (rn[:, None] < N) & (rd[None, :] < D)                       # (BLOCK_N, BLOCK_D) tiles, as in the forward
-    nd = rn[:, None] + rd[None, :] * N
+    rd, nd, nd_mask = _channel_tile(pid_d, D, N, BLOCK_D, BLOCK_N)        # (BLOCK_N, BLOCK_D) tiles, as in the forward
     p, q_re, q_im, g_re, g_im = _load_params(P, Q, G, nd, nd_mask, ACC)
     state = b * D * N + nd
     # the grad of the returned last state h_T enters the adjoint at the last step
