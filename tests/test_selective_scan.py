@@ -428,6 +428,14 @@ def test_forward_plan(monkeypatch, bsz, dm, T, save, segments, want):
     assert ss._fwd_plan(bsz, dm, T, save, torch.device(DEV), segments) == want
 
 
+def test_forward_plan_given_blocks(monkeypatch):
+    "Blocks given: those, split as asked, or as the policy says for their programs."
+    monkeypatch.setattr(ss, "_sm_count", lambda device: 132)
+    monkeypatch.setitem(ss.SPLIT_PROGRAMS_PER_SM, "fwd", 16)
+    assert ss._fwd_plan(2, 1024, 4096, False, torch.device(DEV), None, (16, 16)) == (16, 16, 16)   # round(16 x 132 / 128 programs)
+    assert ss._fwd_plan(4, 1536, 2048, True, torch.device(DEV), 3, (16, 16)) == (16, 16, 3)
+
+
 def test_forward_plan_in_the_interpreter():
     "With no SMs to fill (a CPU) nothing is split by policy: the whole blocks, and the save blocks in one segment."
     assert ss._fwd_plan(2, 1024, 4096, False, torch.device("cpu")) == (*ss.FWD_BLOCKS["whole"], 1)

@@ -179,20 +179,21 @@ def _segments(pass_: str, bsz: int, dm: int, n_units: int, T: int, device) -> in
     want = round(per_sm * sms / (bsz * n_units))
     return max(1, min(want, MAX_SEGMENTS, T // (64 if pass_ == "fwd" else BWD_BLOCK_T)))
 
-def _fwd_plan(bsz: int, dm: int, T: int, save: bool, device, segments: int | None = None) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_D, segments) of a forward launch by default, from `FWD_BLOCKS` and the split policy: a forward
-    that the policy leaves whole in blocks of FWD_BLOCKS["whole"] (or `segments` = 1) walks in those; one it splits
-    walks in FWD_BLOCKS["split"], its segments counted for those blocks' programs. The forward that keeps states
-    (`save`) walks in FWD_BLOCKS["save"], split as the policy says for them. `segments` given: that many, in the
-    whole blocks if 1, else in the split (or save) blocks."""
-    if segments is not None:
-        _check_segments(segments)
-    if save:
+def _fwd_plan(bsz: int, dm: int, T: int, save: bool, device, segments: int | None = None,
+              blocks: tuple[int, int] | None = None) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_D, segments) of a forward launch. `blocks` = (BLOCK_T, BLOCK_D) given: those. By default from
+    `FWD_BLOCKS` and the split policy: a forward that the policy leaves whole in blocks of FWD_BLOCKS["whole"] (or
+    `segments` = 1) walks in those; one it splits walks in FWD_BLOCKS["split"]. The forward that keeps states
+    (`save`) walks in FWD_BLOCKS["save"]. `segments` given: that many (`_split` checks it, where the launch uses it),
+    in the whole blocks if 1, else in the split (or save) blocks; else the policy's count for the blocks' programs."""
+    if blocks is not None:
+        block_t, block_d = blocks
+    elif save:
         block_t, block_d = FWD_BLOCKS["save"]
     else:
         whole_t, whole_d = FWD_BLOCKS["whole"]
         if segments == 1 or (segments is None and _segments("fwd", bsz, dm, triton.cdiv(dm, whole_d), T, device) == 1):
-            return whole_t, whole_d, 1
+            return whole_t, whole_d, 1 if segments is None else segments
         block_t, block_d = FWD_BLOCKS["split"]
     if segments is None:
         segments = _segments("fwd", bsz, dm, triton.cdiv(dm, block_d), T, device)
@@ -205,10 +206,8 @@ def _scan_fwd(u, delta, A, B, C, D, h0, save: bool, block_t=None, block_d=None, 
     the time axis (see `_split`: too many are clamped), a carry pass first; 1 walks each sequence in one program;
     None: as many as the policy `SPLIT_PROGRAMS_PER_SM` asks for. Blocks not given: `_fwd_plan`'s."""
     bsz, T, dm, n = u.shape[0], u.shape[1], u.shape[2], A.shape[1]
-    if block_d is None:
-        block_t, block_d, segments = _fwd_plan(bsz, dm, T, save, u.device, segments)
-    elif segments is None:
-        segments = _segments("fwd", bsz, dm, triton.cdiv(dm, block_d), T, u.device)
+    block_t, block_d, segments = _fwd_plan(bsz, dm, T, save, u.device, segments,
+                                           None if block_d is None else (block_t, block_d))
     if save:
         block_t = BWD_BLOCK_T                      # the kept states are the backward's block starts
     seg_t, nseg = _split(T, segments, block_t)
