@@ -28,8 +28,9 @@ and on a needle of random tokens, with the whole context and with the last 1K to
 cache holds, and greedy decoding of the needle. Its training options (off by default, so that `run` trains the
 recorded target): `--sink` (a BOS token starts every window and prompt), `--log-skips` (log-uniform PoSE skips),
 `--copy-batch N` (N short windows of repeated random blocks beside every step), `--copy-warmup N` (up to N steps
-on those windows alone first, until the model copies; `--warmup-lr` its learning rate); `run --needle` makes the far
-repeat a needle.
+on those windows alone first, until the model copies; `--warmup-lr` its learning rate), `--copy-window` (those
+windows' length, 256 tokens by default: their blocks, and so the distance a copy looks back, are 8 tokens to a
+quarter of it); `run --needle` makes the far repeat a needle.
 """
 from __future__ import annotations
 
@@ -616,6 +617,7 @@ if __name__ == "__main__":
     ap.add_argument("--copy-batch", type=int, help="short windows of repeated random blocks trained beside every batch (the target)")
     ap.add_argument("--copy-warmup", type=int, help="at most this many steps on copy windows alone before the stream (the target)")
     ap.add_argument("--warmup-lr", type=float, help="the copy warm-up's learning rate (default: --lr)")
+    ap.add_argument("--copy-window", type=int, help="override the copy windows' length (tokens; blocks of 8 to a quarter of it)")
     ap.add_argument("--only", type=int, nargs="+", help="run: decode only these of the contexts (the training and prompts "
                     "stay those of the whole list), for one process per GPU; `merge` joins their records")
     ap.add_argument("--parts", type=Path, nargs="+", help="merge: the records of one run split with --only")
@@ -633,5 +635,6 @@ if __name__ == "__main__":
                                                   d=args.d_model, heads=args.heads, window=args.window, batch=args.batch,
                                                   sink=args.sink, lr=args.lr,
                                                   log_skips=args.log_skips, copy_batch=args.copy_batch, needle=args.needle,
-                                                  copy_warmup=args.copy_warmup, warmup_lr=args.warmup_lr, only=args.only,
+                                                  copy_warmup=args.copy_warmup, warmup_lr=args.warmup_lr,
+                                                  copy_window=args.copy_window, only=args.only,
                                                   compile=args.compile)
