@@ -187,6 +187,41 @@ def cema_seg_end_kernel(X, P, Q, END, T, D, N, seg_len,
 
 
 @triton.jit
+def _fwd_chunk(x, h_re, h_im, p, q_re, q_im, g_re, g_im, rt, n_valid,
+               TAIL: tl.constexpr, FOLD_STATE: tl.constexpr):
+    """One chunk of the forward from the carried state h: y (BLOCK_T, BLOCK_D) and the state after the chunk. x is the
+    chunk's (BLOCK_T, BLOCK_D) input; in the TAIL chunk only its first `n_valid` rows lie in the sequence, and the rows
+    past its end get (a, b) = (1, 0), so that the last row is still the last real state. Full chunks skip that select."""
+    # the scan's elements: a = q, b = p x, on a (BLOCK_T, BLOCK_N, BLOCK_D) tile
+    b_re = x[:, None, :] * p[None, :, :]
+    b_im = tl.zeros_like(b_re)
+    if TAIL:
+        valid = (rt < n_valid)[:, None, None]
+        a_re = tl.where(valid, q_re[None, :, :], 1.)
+        a_im = tl.where(valid, q_im[None, :, :], 0.)
+    else:
+        a_re = tl.broadcast_to(q_re[None, :, :], b_re.shape)
+        a_im = tl.broadcast_to(q_im[None, :, :], b_re.shape)
+    if FOLD_STATE:
+        first = (rt == 0)[:, None, None]
+        b_re += tl.where(first, (q_re * h_re - q_im * h_im)[None, :, :], -0.)   # (x + -0. is x: the compiler
+        b_im += tl.where(first, (q_re * h_im + q_im * h_re)[None, :, :], -0.)   # drops the other rows' adds)
+        _, _, H_re, H_im = tl.associative_scan((a_re, a_im, b_re, b_im), 0, _linrec_combine)
+    else:
+        H_re, H_im = _scan_from(a_re, a_im, b_re, b_im, h_re[None, :, :], h_im[None, :, :], False)
+    # y_t = Re(sum_n gamma_n h_t,n)
+    y = tl.sum(g_re[None, :, :] * H_re - g_im[None, :, :] * H_im, axis=1)
+    # the last row is the state after this chunk (a sum with -0. elsewhere: exact, and the adds compile away)
+    last = (rt == rt.shape[0] - 1)[:, None, None]
+    return y, tl.sum(tl.where(last, H_re, -0.), axis=0), tl.sum(tl.where(last, H_im, -0.), axis=0)
+
+@triton.jit
+def _load_x(X, b, t, t_stop, T, D, rd, ACC: tl.constexpr):
+    "The (BLOCK_T, BLOCK_D) tile of x at steps t of batch row b; steps from t_stop on read as 0."
+    return tl.load(X + (b * T + t[:, None]) * D + rd[None, :], mask=(t[:, None] < t_stop) & (rd[None, :] < D), other=0.).to(ACC)
+
+
+@triton.jit
 def cema_fwd_kernel(X, P, Q, G, H0, Y, HT, HS, T, D, N,
                     HAS_H0: tl.constexpr, SAVE_STATES: tl.constexpr, ACC: tl.constexpr,
                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -218,33 +253,25 @@ def cema_fwd_kernel(X, P, Q, G, H0, Y, HT, HS, T, D, N,
             h_re, h_im = qL_re * h_re - qL_im * h_im + e_re, qL_re * h_im + qL_im * h_re + e_im
         c_start = s * (seg_len // BLOCK_T)
         c_end = tl.minimum(c_start + seg_len // BLOCK_T, n_chunks)
-    for c in range(c_start, c_end):
+    # the chunks wholly inside the sequence, then (in the program that ends it) a partial tail chunk; each chunk's x is
+    # loaded one chunk ahead, so that its load is in flight while the previous chunk is scanned
+    c_full = tl.minimum(c_end, T // BLOCK_T)
+    t_stop = tl.minimum(c_end * BLOCK_T, T)
+    x = _load_x(X, b, c_start * BLOCK_T + rt, t_stop, T, D, rd, ACC)
+    for c in range(c_start, c_full):
         t = c * BLOCK_T + rt
+        x_next = _load_x(X, b, t + BLOCK_T, t_stop, T, D, rd, ACC)
         if SAVE_STATES:  # state entering chunk c, for the backward pass: HS is (B, n_chunks, D, N, 2)
-            hs = (b * n_chunks + c) * D * N + nd
-            _store_complex(HS, hs, h_re, h_im, nd_mask)
-        xt_mask = (t[:, None] < T) & (rd[None, :] < D)
-        x = tl.load(X + (b * T + t[:, None]) * D + rd[None, :], mask=xt_mask, other=0.).to(ACC)  # (BT, BD)
-        valid = (t < T)[:, None, None]
-        # the scan's elements: a = q (1 past the end), b = p x, on a (BLOCK_T, BLOCK_N, BLOCK_D) tile
-        a_re = tl.where(valid, q_re[None, :, :], 1.)
-        a_im = tl.where(valid, q_im[None, :, :], 0.)
-        b_re = x[:, None, :] * p[None, :, :]
-        b_im = tl.zeros_like(b_re)
-        if FOLD_STATE:
-            first = (rt == 0)[:, None, None]
-            b_re += tl.where(first, (q_re * h_re - q_im * h_im)[None, :, :], -0.)   # (x + -0. is x: the compiler
-            b_im += tl.where(first, (q_re * h_im + q_im * h_re)[None, :, :], -0.)   # drops the other rows' adds)
-            _, _, H_re, H_im = tl.associative_scan((a_re, a_im, b_re, b_im), 0, _linrec_combine)
-        else:
-            H_re, H_im = _scan_from(a_re, a_im, b_re, b_im, h_re[None, :, :], h_im[None, :, :], False)
-        # y_t = Re(sum_n gamma_n h_t,n)
-        y = tl.sum(g_re[None, :, :] * H_re - g_im[None, :, :] * H_im, axis=1)
-        tl.store(Y + (b * T + t[:, None]) * D + rd[None, :], y.to(Y.dtype.element_ty), mask=xt_mask)
-        # the last row is the state after this chunk (a sum with -0. elsewhere: exact, and the adds compile away)
-        last = (rt == BLOCK_T - 1)[:, None, None]
-        h_re = tl.sum(tl.where(last, H_re, -0.), axis=0)
-        h_im = tl.sum(tl.where(last, H_im, -0.), axis=0)
+            _store_complex(HS, (b * n_chunks + c) * D * N + nd, h_re, h_im, nd_mask)
+        y, h_re, h_im = _fwd_chunk(x, h_re, h_im, p, q_re, q_im, g_re, g_im, rt, BLOCK_T, False, FOLD_STATE)
+        tl.store(Y + (b * T + t[:, None]) * D + rd[None, :], y.to(Y.dtype.element_ty), mask=rd[None, :] < D)
+        x = x_next
+    if c_full < c_end:  # the tail: T is not a multiple of BLOCK_T, and this program ends the sequence
+        t = c_full * BLOCK_T + rt
+        if SAVE_STATES:
+            _store_complex(HS, (b * n_chunks + c_full) * D * N + nd, h_re, h_im, nd_mask)
+        y, h_re, h_im = _fwd_chunk(x, h_re, h_im, p, q_re, q_im, g_re, g_im, rt, T - c_full * BLOCK_T, True, FOLD_STATE)
+        tl.store(Y + (b * T + t[:, None]) * D + rd[None, :], y.to(Y.dtype.element_ty), mask=(t[:, None] < T) & (rd[None, :] < D))
     if c_end == n_chunks:  # the program that ends the sequence writes h_T
         _store_complex(HT, state, h_re, h_im, nd_mask)
 
