@@ -89,8 +89,8 @@ def _linrec_combine(ar1, ai1, br1, bi1, ar2, ai2, br2, bi2):
     "(a1, b1) then (a2, b2) for complex a, b: h -> a2 * (a1 * h + b1) + b2."
     ar = ar2 * ar1 - ai2 * ai1
     ai = ar2 * ai1 + ai2 * ar1
-    br = ar2 * br1 - ai2 * bi1 + br2
-    bi = ar2 * bi1 + ai2 * br1 + bi2
+    br = ar2 * br1 + (br2 - ai2 * bi1)      # grouped so that each line is two fused multiply-adds: the compiler
+    bi = ar2 * bi1 + (bi2 + ai2 * br1)      # does not regroup a sum of three terms itself
     return ar, ai, br, bi
 
 @triton.jit
