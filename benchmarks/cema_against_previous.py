@@ -2,7 +2,8 @@
 "Speed"). Both run with their own launch choices (`_cema_forward`, no forced segments); every case is first checked
 against the earlier kernel's y and h_T, then timed as GPU ms of one call replayed from a CUDA graph
 (`tinylab.core.cuda_graph_ms`, no launch cost), the two versions alternating for `--rounds` rounds so that the
-spread between rounds of the same version shows the noise.
+spread between rounds of the same version shows the noise. At batch 4, 1024 channels and 8192 steps each version's two
+passes (segment ends, then the forward) are also timed alone.
 The earlier kernel is read from a file: `git show <commit>:tinylab/kernels/cema.py > benchmarks/_cema_previous.py`
 (send it along to the GPU machine; it is git-ignored).
 Usage: PYTHONPATH=. python3 benchmarks/cema_against_previous.py --previous-commit <commit> --out book/results/<name>.json"""
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 import triton
+import triton.language as tl
 
 import tinylab.kernels.cema as landed
 from tinylab.core import cuda_graph_ms
@@ -29,6 +31,23 @@ CASES = [(4, 1024, 1024, torch.float32, False), (4, 1024, 8192, torch.float32, F
 
 def rel(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def passes_ms(mod, x, p, q, g) -> dict:
+    "GPU ms of each pass of `mod`'s forward alone, at its own launch choices: the first (segment ends) and the forward."
+    B, T, D = x.shape
+    N = p.shape[1]
+    BT, BD, BN = mod._fwd_blocks(T, D, N, True)
+    S, seg_len = mod._cema_segments(B, T, triton.cdiv(D, BD), BT, x.device)
+    qr, gr = torch.view_as_real(q.contiguous()), torch.view_as_real(g.contiguous())
+    y, hT = torch.empty_like(x), torch.empty(B, D, N, 2, device=x.device)
+    end = torch.empty(B, max(S - 1, 1), D, N, 2, device=x.device)
+    blocks = dict(ACC=tl.float32, BLOCK_T=BT, BLOCK_D=BD, BLOCK_N=BN, num_warps=mod.TUNING["num_warps"])
+    first = lambda: mod.cema_seg_end_kernel[(B, triton.cdiv(D, BD), S - 1)](x, p, qr, end, T, D, N, seg_len, **blocks)
+    forward = lambda: mod.cema_fwd_kernel[(B, triton.cdiv(D, BD), S)](
+        x, p, qr, gr, hT, y, hT, hT, T, D, N, HAS_H0=False, SAVE_STATES=False, END=end, seg_len=seg_len, SEGMENTED=True,
+        FOLD_STATE=bool(mod.TUNING["fold_state"]), **blocks)
+    return dict(segments=S, first_pass_ms=cuda_graph_ms(first), forward_pass_ms=cuda_graph_ms(forward))
 
 
 def load_previous():
@@ -69,6 +88,8 @@ def main():
                 for name, fn in calls.items():
                     row["ms"][name].append(cuda_graph_ms(fn, calls=n))
             row["ratio"] = statistics.median(row["ms"]["landed"]) / statistics.median(row["ms"]["previous"])
+        if (B, D, T, save) == (4, 1024, 8192, False):   # where the time goes: each pass alone
+            row["passes"] = {name: passes_ms(mod, x, p, q, g) for name, mod in (("previous", previous), ("landed", landed))}
         print(json.dumps(row), flush=True)
         rec["rows"].append(row)
     rec["wall_s"] = round(time.time() - t0, 1)
