@@ -153,11 +153,6 @@ def _cpow(q_re, q_im, n):
     return r_re, r_im
 
 @triton.jit
-def _load_x(X, b, t, t_stop, T, D, rd, ACC: tl.constexpr):
-    "The (BLOCK_T, BLOCK_D) tile of x at steps t of batch row b; steps from t_stop on read as 0."
-    return tl.load(X + (b * T + t[:, None]) * D + rd[None, :], mask=(t[:, None] < t_stop) & (rd[None, :] < D), other=0.).to(ACC)
-
-@triton.jit
 def cema_seg_end_kernel(X, P, Q, END, T, D, N, seg_len,
                         ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     # pass 1, one program: batch row b, channels d0 .. d0 + BLOCK_D, segment s (a full one: seg_len steps, a
@@ -181,14 +176,13 @@ def cema_seg_end_kernel(X, P, Q, END, T, D, N, seg_len,
     h_re = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     h_im = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     t0 = s * seg_len
-    x = _load_x(X, b, t0 + rt, t0 + seg_len, T, D, rd, ACC)
     for c in range(t0, t0 + seg_len, BLOCK_T):
-        x_next = _load_x(X, b, c + BLOCK_T + rt, t0 + seg_len, T, D, rd, ACC)   # in flight while this chunk is summed
+        t = c + rt
+        x = tl.load(X + (b * T + t[:, None]) * D + rd[None, :], mask=rd[None, :] < D, other=0.).to(ACC)
         # h <- q^BLOCK_T h + sum_t q^(BLOCK_T-1-t) p x_t
         u_re = tl.sum(x[:, None, :] * pw_re, axis=0)
         u_im = tl.sum(x[:, None, :] * pw_im, axis=0)
         h_re, h_im = qt_re * h_re - qt_im * h_im + u_re, qt_re * h_im + qt_im * h_re + u_im
-        x = x_next
     _store_complex(END, (b * (tl.num_programs(2)) + s) * D * N + nd, h_re, h_im, nd_mask)
 
 
@@ -220,6 +214,12 @@ def _fwd_chunk(x, h_re, h_im, p, q_re, q_im, g_re, g_im, rt, n_valid,
     # the last row is the state after this chunk (a sum with -0. elsewhere: exact, and the adds compile away)
     last = (rt == rt.shape[0] - 1)[:, None, None]
     return y, tl.sum(tl.where(last, H_re, -0.), axis=0), tl.sum(tl.where(last, H_im, -0.), axis=0)
+
+@triton.jit
+def _load_x(X, b, t, t_stop, T, D, rd, ACC: tl.constexpr):
+    "The (BLOCK_T, BLOCK_D) tile of x at steps t of batch row b; steps from t_stop on read as 0."
+    return tl.load(X + (b * T + t[:, None]) * D + rd[None, :], mask=(t[:, None] < t_stop) & (rd[None, :] < D), other=0.).to(ACC)
+
 
 @triton.jit
 def cema_fwd_kernel(X, P, Q, G, H0, Y, HT, HS, T, D, N,
