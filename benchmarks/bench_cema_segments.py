@@ -44,6 +44,14 @@ def load_script(name: str):
     return mod
 
 
+def load_kernel_copy(name: str, commit: str):
+    "tinylab/kernels/cema.py as it was at `commit`, from its copy benchmarks/`name`.py; exits saying how to make it."
+    mod = load_script(name)
+    if mod is None:
+        raise SystemExit(f"benchmarks/{name}.py is missing: `git show {commit}:tinylab/kernels/cema.py > benchmarks/{name}.py`")
+    return mod
+
+
 def load_old():
     "The previous forward (one program per batch row and channel block), copied before the change."
     old = load_script("_cema_old")

@@ -9,7 +9,6 @@ The earlier kernel is read from a file: `git show <commit>:tinylab/kernels/cema.
 Usage: PYTHONPATH=. python3 benchmarks/cema_against_previous.py --previous-commit <commit> --out book/results/<name>.json"""
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import statistics
@@ -22,6 +21,8 @@ import triton.language as tl
 
 import tinylab.kernels.cema as landed
 from tinylab.core import cuda_graph_ms
+
+from bench_cema_segments import load_kernel_copy  # noqa: E402  (benchmarks/: this script's folder is on the path)
 
 # (batch, channels, steps, dtype of x, keep the states for the backward); 8190 steps end in a partial tile
 CASES = [(4, 1024, 1024, torch.float32, False), (4, 1024, 8192, torch.float32, False), (4, 1024, 65536, torch.float32, False),
@@ -50,14 +51,6 @@ def passes_ms(mod, x, p, q, g) -> dict:
     return dict(segments=S, first_pass_ms=cuda_graph_ms(first), forward_pass_ms=cuda_graph_ms(forward))
 
 
-def load_previous():
-    path = Path(__file__).with_name("_cema_previous.py")
-    spec = importlib.util.spec_from_file_location("_cema_previous", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--previous-commit", required=True, help="the commit benchmarks/_cema_previous.py was taken from")
@@ -65,7 +58,7 @@ def main():
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     t0 = time.time()
-    previous = load_previous()
+    previous = load_kernel_copy("_cema_previous", args.previous_commit)
     rec = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                commit=os.environ.get("TINYLAB_COMMIT"), previous_commit=args.previous_commit,

@@ -13,7 +13,6 @@ Usage: PYTHONPATH=. python3 benchmarks/cema_tiles_sweep.py --out book/results/ce
 import argparse
 import contextlib
 import datetime
-import importlib.util
 import json
 import os
 import time
@@ -26,6 +25,8 @@ from triton.testing import do_bench
 import tinylab.kernels.cema as m
 from tinylab.core import cuda_graph_ms
 
+from bench_cema_segments import load_kernel_copy  # noqa: E402  (benchmarks/: this script's folder is on the path)
+
 TILES = [(8, 8, 1), (16, 8, 1), (32, 8, 1), (16, 16, 1), (16, 32, 1), (8, 64, 2), (8, 128, 4)]  # (steps, channels, warps)
 TILE_CASES = [(1024, torch.float32, False), (8192, torch.float32, False), (65536, torch.float32, False),
               (8192, torch.bfloat16, False), (8192, torch.float32, True)]          # (T, dtype of x, keep states)
@@ -35,14 +36,6 @@ WAVE_SHAPES = [(4, 1024, 8192), (4, 1024, 65536), (1, 1024, 8192), (8, 2048, 409
 
 def rel(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-
-
-def load_old():
-    path = Path(__file__).with_name("_cema_old_tiles.py")
-    spec = importlib.util.spec_from_file_location("_cema_old_tiles", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def graph_ms(fn, elements):
@@ -89,7 +82,7 @@ def main():
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     t0 = time.time()
-    old = load_old()
+    old = load_kernel_copy("_cema_old_tiles", "8f9929b")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     landed = dict(m.TUNING)
     rec = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
