@@ -154,10 +154,12 @@ def _cpow(q_re, q_im, n):
 
 @triton.jit
 def cema_seg_end_kernel(X, P, Q, END, T, D, N, seg_len,
-                        ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                        ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                        AHEAD: tl.constexpr = False):
     # pass 1, one program: batch row b, channels d0 .. d0 + BLOCK_D, segment s (a full one: seg_len steps, a
     # multiple of BLOCK_T) -> the segment's end state from a zero start, sum_j q^(L-1-j) p x_j.
-    # Tiles are (BLOCK_T, BLOCK_N, BLOCK_D), as in the forward below.
+    # Tiles are (BLOCK_T, BLOCK_N, BLOCK_D), as in the forward below. AHEAD: each chunk's x is loaded one chunk
+    # ahead, as the forward loads it.
     b, pid_d, s = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     rt = tl.arange(0, BLOCK_T)
     rd, nd, nd_mask = _channel_tile(pid_d, D, N, BLOCK_D, BLOCK_N)
@@ -176,9 +178,14 @@ def cema_seg_end_kernel(X, P, Q, END, T, D, N, seg_len,
     h_re = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     h_im = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     t0 = s * seg_len
+    if AHEAD:
+        x_next = _load_x(X, b, t0 + rt, t0 + seg_len, T, D, rd, ACC)
     for c in range(t0, t0 + seg_len, BLOCK_T):
-        t = c + rt
-        x = tl.load(X + (b * T + t[:, None]) * D + rd[None, :], mask=rd[None, :] < D, other=0.).to(ACC)
+        if AHEAD:  # this chunk's x, loaded in the previous step; the next one's load is in flight during the sums
+            x = x_next
+            x_next = _load_x(X, b, c + BLOCK_T + rt, t0 + seg_len, T, D, rd, ACC)
+        else:
+            x = tl.load(X + (b * T + (c + rt)[:, None]) * D + rd[None, :], mask=rd[None, :] < D, other=0.).to(ACC)
         # h <- q^BLOCK_T h + sum_t q^(BLOCK_T-1-t) p x_t
         u_re = tl.sum(x[:, None, :] * pw_re, axis=0)
         u_im = tl.sum(x[:, None, :] * pw_im, axis=0)
@@ -286,9 +293,11 @@ def _cema_blocks(T: int, D: int, N: int, on_gpu: bool) -> tuple[int, int, int]:
 # launch choices, timed on an H200 (see "Speed"): the forward's programs per SM (one wave of them: 16 one-warp
 # programs fit an SM's registers), the shortest segment in tiles of BLOCK_T steps, the fewest segments worth a first
 # pass (fewer: one segment), the forward's channels per program (None: `_cema_blocks`'s) and warps, the backward's
-# warps (these three on a GPU only), and whether the forward folds the carried state into the scan (FOLD_STATE)
+# warps (these three on a GPU only), whether the forward folds the carried state into the scan (FOLD_STATE), and the
+# first pass's (steps, channels, warps, x loaded one chunk ahead) for x of 4 and of 2 bytes an element (its steps
+# divide the forward's 16, so segments stay whole tiles; its tiles on a GPU only, the load ahead everywhere)
 TUNING = dict(programs_per_sm=16, min_segment_tiles=8, min_segments=2, block_d=8, num_warps=1, bwd_num_warps=2,
-              fold_state=True)
+              fold_state=True, first_pass={4: (16, 8, 1, False), 2: (16, 8, 1, False)})
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
@@ -316,6 +325,11 @@ def _fwd_blocks(T: int, D: int, N: int, on_gpu: bool) -> tuple[int, int, int]:
     "The forward's (BLOCK_T, BLOCK_D, BLOCK_N): `_cema_blocks`'s, with TUNING's channels per program on a GPU."
     BT, BD, BN = _cema_blocks(T, D, N, on_gpu)
     return BT, (TUNING["block_d"] if on_gpu and TUNING["block_d"] else BD), BN
+
+def _first_pass_launch(x: torch.Tensor, BT: int, BD: int, nw: int) -> tuple[int, int, int, bool]:
+    "The first pass's (BLOCK_T, BLOCK_D, warps, AHEAD) for x: TUNING's `first_pass`, the forward's tiles and warps off a GPU."
+    bt, bd, warps, ahead = TUNING["first_pass"][2 if x.element_size() == 2 else 4]
+    return (bt, bd, warps, ahead) if x.is_cuda else (BT, BD, nw, ahead)
 
 def _cema_forward(x, p, q, gamma, h0, save_states: bool, segments: tuple[int, int] | None = None):
     """Launch the forward: y, h_T and (save_states) the chunk-start states HS (B, n_chunks, D, N, 2) the backward
@@ -346,8 +360,9 @@ def _cema_forward(x, p, q, gamma, h0, save_states: bool, segments: tuple[int, in
             num_warps=nw)
     else:  # pass 1: the end states of the full segments 0 .. S-2; pass 2: every segment from its carry
         end = torch.empty(B, S - 1, D, N, 2, dtype=real, device=x.device)
-        cema_seg_end_kernel[(B, triton.cdiv(D, BD), S - 1)](x, pr, qr, end, T, D, N, seg_len,
-                                                            ACC=acc, BLOCK_T=BT, BLOCK_D=BD, BLOCK_N=BN, num_warps=nw)
+        BT1, BD1, nw1, ahead = _first_pass_launch(x, BT, BD, nw)
+        cema_seg_end_kernel[(B, triton.cdiv(D, BD1), S - 1)](x, pr, qr, end, T, D, N, seg_len, ACC=acc, BLOCK_T=BT1,
+                                                             BLOCK_D=BD1, BLOCK_N=BN, AHEAD=ahead, num_warps=nw1)
         cema_fwd_kernel[(B, triton.cdiv(D, BD), S)](
             x, pr, qr, gr, h0r, y, hT, hs, T, D, N,
             HAS_H0=h0 is not None, SAVE_STATES=save_states, ACC=acc, BLOCK_T=BT, BLOCK_D=BD, BLOCK_N=BN,
