@@ -179,7 +179,7 @@ def main():
     log = lambda s: print(f"[{time.time() - t_start:6.1f}s] {s}", flush=True)
     if args.smoke:
         dev, B, D, N, G, args.lengths, args.no_official = "cpu", 1, 8, 4, 2, [24], True
-        do_bench = lambda fn, warmup=0, rep=0: (lambda t0: (fn(), (time.perf_counter() - t0) * 1e3)[1])(time.perf_counter())
+        do_bench = lambda fn, warmup=0, rep=0, return_mode=None: (lambda t0: (fn(), (time.perf_counter() - t0) * 1e3)[1])(time.perf_counter())
     else:
         dev = "cuda"
     import tinylab.kernels.cema as cema_mod
@@ -188,7 +188,7 @@ def main():
               "triton": triton.__version__, "cuda": torch.version.cuda,
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": os.environ.get("TINYLAB_COMMIT"),
               "args": vars(args), "dtype": "float32 (and bfloat16 x for cema_triton_bf16_ms)",
-              "timing": "triton.testing.do_bench, mean ms (L2 flushed before each call), a call as a user makes it; "
+              "timing": "triton.testing.do_bench, median ms (L2 flushed before each call), a call as a user makes it; "
                         "*_graph_ms: GPU time of one call replayed from a CUDA graph of 20 (tinylab.core.cuda_graph_ms), "
                         "no launch cost; tsn_triton_ms is the training forward (keeps what the backward needs), "
                         "tsn_triton_nograd_ms inference",
@@ -224,27 +224,27 @@ def main():
         ok_tsn = record["gates_pass"]["tsn_fwd_fp32"] and record["gates_pass"]["tsn_fwd_bf16"]
         try:
             if ok_cema:
-                row["cema_triton_ms"] = do_bench(lambda: cema(x, p, q, g, backend="triton"), warmup=10, rep=100)
+                row["cema_triton_ms"] = do_bench(lambda: cema(x, p, q, g, backend="triton"), warmup=10, rep=100, return_mode="median")
                 if dev == "cuda":
                     row["cema_triton_graph_ms"] = graph_ms(lambda: cema(x, p, q, g, backend="triton"))
                 xb = x.bfloat16()
-                row["cema_triton_bf16_ms"] = do_bench(lambda: cema(xb, p, q, g, backend="triton"), warmup=10, rep=100)
+                row["cema_triton_bf16_ms"] = do_bench(lambda: cema(xb, p, q, g, backend="triton"), warmup=10, rep=100, return_mode="median")
                 row["floor_bf16_ms"] = floor_ms / 2
                 xg = x.clone().requires_grad_()
                 def fwd_bwd():
                     y, _ = cema(xg, p, q, g, backend="triton")
                     y.backward(torch.ones_like(y))
-                row["cema_triton_fwdbwd_ms"] = do_bench(fwd_bwd, warmup=3, rep=50)
-            row["cema_fft_ms"] = do_bench(lambda: cema_fft(x, p, q, g), warmup=3, rep=50)
+                row["cema_triton_fwdbwd_ms"] = do_bench(fwd_bwd, warmup=3, rep=50, return_mode="median")
+            row["cema_fft_ms"] = do_bench(lambda: cema_fft(x, p, q, g), warmup=3, rep=50, return_mode="median")
             if T <= 4096:
-                row["cema_seq_ms"] = do_bench(lambda: cema_ref(x, p, q, g), warmup=1, rep=20)
+                row["cema_seq_ms"] = do_bench(lambda: cema_ref(x, p, q, g), warmup=1, rep=20, return_mode="median")
             if ops is not None and T <= 16384:
                 xt = x.transpose(1, 2).contiguous()
                 y_off = official_cema(ops, xt, p, q, g)
                 err = rel_err(y_off.transpose(1, 2), cema_fft(x, p, q, g)[0])
                 row["cema_official_relerr"] = err
                 if err < 1e-3:
-                    row["cema_official_ms"] = do_bench(lambda: official_cema(ops, xt, p, q, g), warmup=10, rep=100)
+                    row["cema_official_ms"] = do_bench(lambda: official_cema(ops, xt, p, q, g), warmup=10, rep=100, return_mode="median")
                     row["cema_official_graph_ms"] = graph_ms(lambda: official_cema(ops, xt, p, q, g))
         except Exception as e:  # noqa: BLE001
             row["cema_error"] = f"{type(e).__name__}: {str(e)[:200]}"
@@ -255,12 +255,12 @@ def main():
                 # does) and inference (no autograd: nothing kept)
                 train = lambda: timestep_norm(x, G, w_grad, bias, backend="triton")
                 infer = lambda: timestep_norm(x, G, w, bias, backend="triton")
-                row["tsn_triton_ms"] = do_bench(train, warmup=10, rep=100)
-                row["tsn_triton_nograd_ms"] = do_bench(infer, warmup=10, rep=100)
+                row["tsn_triton_ms"] = do_bench(train, warmup=10, rep=100, return_mode="median")
+                row["tsn_triton_nograd_ms"] = do_bench(infer, warmup=10, rep=100, return_mode="median")
                 if dev == "cuda":
                     row["tsn_triton_graph_ms"] = graph_ms(train)
                     row["tsn_triton_nograd_graph_ms"] = graph_ms(infer)
-            row["tsn_torch_ms"] = do_bench(lambda: timestep_norm_ref(x, G, w, bias), warmup=3, rep=50)
+            row["tsn_torch_ms"] = do_bench(lambda: timestep_norm_ref(x, G, w, bias), warmup=3, rep=50, return_mode="median")
             if ops is not None:
                 c0 = torch.zeros(B, dtype=torch.int64, device=dev)
                 m0, v0 = torch.zeros(B, G, device=dev), torch.ones(B, G, device=dev)
@@ -268,7 +268,7 @@ def main():
                 err = rel_err(off()[0], timestep_norm_ref(x, G, w, bias)[0])
                 row["tsn_official_relerr"] = err
                 if err < 1e-3:
-                    row["tsn_official_ms"] = do_bench(off, warmup=10, rep=100)
+                    row["tsn_official_ms"] = do_bench(off, warmup=10, rep=100, return_mode="median")
                     row["tsn_official_graph_ms"] = graph_ms(off)
         except Exception as e:  # noqa: BLE001
             row["tsn_error"] = f"{type(e).__name__}: {str(e)[:200]}"

@@ -27,7 +27,9 @@ from bench_cema_segments import load_kernel_copy  # noqa: E402  (benchmarks/: th
 # (batch, channels, steps, dtype of x, keep the states for the backward); 8190 steps end in a partial tile
 CASES = [(4, 1024, 1024, torch.float32, False), (4, 1024, 8192, torch.float32, False), (4, 1024, 65536, torch.float32, False),
          (4, 1024, 8192, torch.bfloat16, False), (4, 1024, 8192, torch.float32, True), (4, 1024, 8190, torch.float32, False),
-         (1, 1024, 8192, torch.float32, False), (8, 2048, 4096, torch.float32, False)]
+         (1, 1024, 8192, torch.float32, False), (8, 2048, 4096, torch.float32, False),
+         (4, 1024, 1024, torch.bfloat16, False), (4, 1024, 65536, torch.bfloat16, False), (1, 1024, 8192, torch.bfloat16, False),
+         (8, 2048, 4096, torch.bfloat16, False)]
 
 
 def rel(a, b):
@@ -44,7 +46,11 @@ def passes_ms(mod, x, p, q, g) -> dict:
     y, hT = torch.empty_like(x), torch.empty(B, D, N, 2, device=x.device)
     end = torch.empty(B, max(S - 1, 1), D, N, 2, device=x.device)
     blocks = dict(ACC=tl.float32, BLOCK_T=BT, BLOCK_D=BD, BLOCK_N=BN, num_warps=mod.TUNING["num_warps"])
-    first = lambda: mod.cema_seg_end_kernel[(B, triton.cdiv(D, BD), S - 1)](x, p, qr, end, T, D, N, seg_len, **blocks)
+    first_blocks, BD1 = dict(blocks), BD
+    if hasattr(mod, "_first_pass_launch"):   # the first pass's own launch (from 8f4d44e on)
+        BT1, BD1, nw1, ahead = mod._first_pass_launch(x, BT, BD, blocks["num_warps"])
+        first_blocks.update(BLOCK_T=BT1, BLOCK_D=BD1, num_warps=nw1, AHEAD=ahead)
+    first = lambda: mod.cema_seg_end_kernel[(B, triton.cdiv(D, BD1), S - 1)](x, p, qr, end, T, D, N, seg_len, **first_blocks)
     forward = lambda: mod.cema_fwd_kernel[(B, triton.cdiv(D, BD), S)](
         x, p, qr, gr, hT, y, hT, hT, T, D, N, HAS_H0=False, SAVE_STATES=False, END=end, seg_len=seg_len, SEGMENTED=True,
         FOLD_STATE=bool(mod.TUNING["fold_state"]), **blocks)

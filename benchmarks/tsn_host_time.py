@@ -1,5 +1,6 @@
 """Where a timestep-norm call's time goes at short lengths, where the host sets the pace (issue #15,
-nbs/11b_timestep_norm.ipynb, "Speed"). For the training forward, inference, and pieces of the wrapper: the host's
+nbs/11b_timestep_norm.ipynb, "Speed"). For the training forward and inference, as landed and always cut into time
+segments (`one_launch_steps=0`: a first pass, then the forward), and for pieces of the wrapper: the host's
 microseconds per call (`--calls` calls issued back to back, the clock stopped before the synchronisation), do_bench's
 mean and median of one call (L2 flushed before each), and the GPU time of one call replayed from a CUDA graph.
 Usage: PYTHONPATH=. python3 benchmarks/tsn_host_time.py --out OUT.json"""
@@ -33,11 +34,27 @@ def host_us(fn, calls):
     return (t1 - t0) / calls * 1e6
 
 
+def with_tuning(fn, **tuning):
+    "`fn` run with `tuning` set in the kernel's TUNING, restored after each call."
+    def call():
+        landed = dict(tsn.TUNING)
+        tsn.TUNING.update(tuning)
+        try:
+            return fn()
+        finally:
+            tsn.TUNING.update(landed)
+    return call
+
+
 def pieces(x, w, w_grad, bias):
-    "The calls timed: the wrapper, its launch function, and the work inside it."
+    "The calls timed: the wrapper as landed and always cut into segments (two launches), its launch function, and parts."
+    training = lambda: tsn.timestep_norm(x, G, w_grad, bias, backend="triton")
+    inference = lambda: tsn.timestep_norm(x, G, w, bias, backend="triton")
     return {
-        "timestep_norm, training": lambda: tsn.timestep_norm(x, G, w_grad, bias, backend="triton"),
-        "timestep_norm, inference": lambda: tsn.timestep_norm(x, G, w, bias, backend="triton"),
+        "timestep_norm, training": training,
+        "timestep_norm, inference": inference,
+        "timestep_norm, training, segmented": with_tuning(training, one_launch_steps=0),
+        "timestep_norm, inference, segmented": with_tuning(inference, one_launch_steps=0),
         "_timestep_norm_fwd, save": lambda: tsn._timestep_norm_fwd(x, w, bias, None, None, None, G, 1e-5, True),
         "_timestep_norm_fwd, no save": lambda: tsn._timestep_norm_fwd(x, w, bias, None, None, None, G, 1e-5, False),
         "seven torch.empty": lambda: [torch.empty(B, G, device="cuda") for _ in range(7)],
@@ -60,7 +77,7 @@ def main():
     for T in args.lengths:
         x = torch.randn(B, T, D, device="cuda")
         for name, fn in pieces(x, w, w_grad, bias).items():
-            row = dict(T=T, piece=name, segments=tsn._segments(B, T, G, tsn.TUNING["block_t"], x.device)[0],
+            row = dict(T=T, piece=name,
                        host_us=host_us(fn, args.calls),
                        bench_mean_ms=do_bench(fn, warmup=10, rep=100, return_mode="mean"),
                        bench_median_ms=do_bench(fn, warmup=10, rep=100, return_mode="median"))

@@ -169,3 +169,12 @@ def test_input_past_int32_offsets():
     y = timestep_norm(x, 16, w, b)[0]
     want = timestep_norm_ref(x[2:, :4096], 16, w, b)[0]   # the third sequence's start, on its own
     torch.testing.assert_close(y[2:, :4096].float(), want.float(), atol=3e-2, rtol=3e-2)
+
+
+def test_short_sequences_one_launch():
+    "On a GPU a sequence of up to TUNING['one_launch_steps'] steps is one segment (one launch, no first pass)."
+    from tinylab.kernels.timestep_norm import TUNING, _segments
+    cuda = torch.device("cuda")                     # only the device's type is read below this length
+    n = TUNING["one_launch_steps"]
+    assert _segments(4, n, 32, 32, cuda) == (1, n)
+    assert _segments(4, 1000, 32, 32, cuda) == (1, 1024)

@@ -297,7 +297,7 @@ def _cema_blocks(T: int, D: int, N: int, on_gpu: bool) -> tuple[int, int, int]:
 # first pass's (steps, channels, warps, x loaded one chunk ahead) for x of 4 and of 2 bytes an element (its steps
 # divide the forward's 16, so segments stay whole tiles; its tiles on a GPU only, the load ahead everywhere)
 TUNING = dict(programs_per_sm=16, min_segment_tiles=8, min_segments=2, block_d=8, num_warps=1, bwd_num_warps=2,
-              fold_state=True, first_pass={4: (16, 8, 1, False), 2: (16, 8, 1, False)})
+              fold_state=True, first_pass={4: (16, 8, 1, False), 2: (8, 16, 2, True)})
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:

@@ -196,8 +196,10 @@ def _timestep_norm_backward(dy, dmean_T, dvar_T, x, weight, c0, m0, cum_mean, cu
     return dx.reshape(B, T, D), dw, db, dm0, dv0
 
 # %% ../../nbs/11b_timestep_norm.ipynb #cell-023
-# launch choices, timed on an H200 (see "Speed"): steps per tile, and programs per SM the time segments aim for
-TUNING = dict(block_t=32, programs_per_sm=16, min_segment_tiles=4)
+# launch choices, timed on an H200 (see "Speed"): steps per tile, programs per SM the time segments aim for, and the
+# longest sequence run as one segment on a GPU (one launch: there a second launch costs the host more than it saves
+# the GPU; benchmarks/tsn_host_time.py)
+TUNING = dict(block_t=32, programs_per_sm=16, min_segment_tiles=4, one_launch_steps=2048)
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
@@ -206,9 +208,12 @@ def _sm_count(device: torch.device) -> int:
 
 def _segments(B: int, T: int, G: int, BT: int, device: torch.device) -> tuple[int, int]:
     """(number of time segments, steps per segment): enough (batch row, group, segment) programs to fill the GPU,
-    each segment at least `min_segment_tiles` tiles long; in the interpreter at most 4 segments of 2 tiles."""
+    each segment at least `min_segment_tiles` tiles long, and one segment up to `one_launch_steps` steps; in the
+    interpreter at most 4 segments of 2 tiles."""
     tiles = triton.cdiv(T, BT)
-    if device.type == "cuda":
+    if device.type == "cuda" and T <= TUNING["one_launch_steps"]:
+        n = 1
+    elif device.type == "cuda":
         sms = _sm_count(device)
         n = min(triton.cdiv(TUNING["programs_per_sm"] * sms, B * G), triton.cdiv(tiles, TUNING["min_segment_tiles"]))
     else:
