@@ -138,6 +138,17 @@ def official_cema(ops, x_bdl, p, q, g):
     return y
 
 
+def per_call_ms(calls: dict, rounds: int) -> dict:
+    """Ms of one call as a user makes it, for each of `calls` (row key -> function): do_bench medians (L2 flushed before
+    each call), the calls timed in turn for `rounds` rounds, and the median round kept, so that a change in the host's
+    pace during the row falls on ours and the official kernels alike."""
+    times = {key: [] for key in calls}
+    for _ in range(rounds):
+        for key, fn in calls.items():
+            times[key].append(do_bench(fn, warmup=10, rep=100, return_mode="median"))
+    return {key: float(np.median(v)) for key, v in times.items()}
+
+
 def graph_ms(fn):
     "GPU ms of one call from a CUDA graph (None if `fn` cannot be captured: the table then shows the call time only)."
     try:
@@ -168,6 +179,7 @@ def main():
     ap.add_argument("--lengths", type=int, nargs="*", default=LENGTHS)
     ap.add_argument("--budget-s", type=float, default=400,
                     help="start no new length after this many seconds of timing (building the official ops not counted)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of the per-call timings, taken in turns")
     ap.add_argument("--no-official", action="store_true", help="skip building Megalodon's CUDA ops")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU under TRITON_INTERPRET=1 (checks the script)")
     ap.add_argument("--ncu", action="store_true", help="after the sweep, profile the CEMA kernels at T = 8192 with Nsight Compute")
@@ -188,7 +200,8 @@ def main():
               "triton": triton.__version__, "cuda": torch.version.cuda,
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": os.environ.get("TINYLAB_COMMIT"),
               "args": vars(args), "dtype": "float32 (and bfloat16 x for cema_triton_bf16_ms)",
-              "timing": "triton.testing.do_bench, median ms (L2 flushed before each call), a call as a user makes it; "
+              "timing": "triton.testing.do_bench, median ms (L2 flushed before each call), a call as a user makes it, ours and "
+                        "the official kernels timed in turn for --rounds rounds, the median round kept (per_call_ms); "
                         "*_graph_ms: GPU time of one call replayed from a CUDA graph of 20 (tinylab.core.cuda_graph_ms), "
                         "no launch cost; tsn_triton_ms is the training forward (keeps what the backward needs), "
                         "tsn_triton_nograd_ms inference",
@@ -220,15 +233,16 @@ def main():
         x = torch.randn(B, T, D, device=dev)
         floor_ms = 2 * x.numel() * 4 / bw * 1e3
         row = {"T": T, "floor_ms": floor_ms}
+        calls = {}   # row key -> a call as a user makes it, timed below in turns
         ok_cema = record["gates_pass"]["cema_fwd_fp32"] and record["gates_pass"]["cema_fwd_bf16"]
         ok_tsn = record["gates_pass"]["tsn_fwd_fp32"] and record["gates_pass"]["tsn_fwd_bf16"]
         try:
             if ok_cema:
-                row["cema_triton_ms"] = do_bench(lambda: cema(x, p, q, g, backend="triton"), warmup=10, rep=100, return_mode="median")
+                calls["cema_triton_ms"] = lambda: cema(x, p, q, g, backend="triton")
                 if dev == "cuda":
                     row["cema_triton_graph_ms"] = graph_ms(lambda: cema(x, p, q, g, backend="triton"))
                 xb = x.bfloat16()
-                row["cema_triton_bf16_ms"] = do_bench(lambda: cema(xb, p, q, g, backend="triton"), warmup=10, rep=100, return_mode="median")
+                calls["cema_triton_bf16_ms"] = lambda: cema(xb, p, q, g, backend="triton")
                 row["floor_bf16_ms"] = floor_ms / 2
                 xg = x.clone().requires_grad_()
                 def fwd_bwd():
@@ -244,7 +258,7 @@ def main():
                 err = rel_err(y_off.transpose(1, 2), cema_fft(x, p, q, g)[0])
                 row["cema_official_relerr"] = err
                 if err < 1e-3:
-                    row["cema_official_ms"] = do_bench(lambda: official_cema(ops, xt, p, q, g), warmup=10, rep=100, return_mode="median")
+                    calls["cema_official_ms"] = lambda: official_cema(ops, xt, p, q, g)
                     row["cema_official_graph_ms"] = graph_ms(lambda: official_cema(ops, xt, p, q, g))
         except Exception as e:  # noqa: BLE001
             row["cema_error"] = f"{type(e).__name__}: {str(e)[:200]}"
@@ -255,8 +269,7 @@ def main():
                 # does) and inference (no autograd: nothing kept)
                 train = lambda: timestep_norm(x, G, w_grad, bias, backend="triton")
                 infer = lambda: timestep_norm(x, G, w, bias, backend="triton")
-                row["tsn_triton_ms"] = do_bench(train, warmup=10, rep=100, return_mode="median")
-                row["tsn_triton_nograd_ms"] = do_bench(infer, warmup=10, rep=100, return_mode="median")
+                calls["tsn_triton_ms"], calls["tsn_triton_nograd_ms"] = train, infer
                 if dev == "cuda":
                     row["tsn_triton_graph_ms"] = graph_ms(train)
                     row["tsn_triton_nograd_graph_ms"] = graph_ms(infer)
@@ -268,10 +281,15 @@ def main():
                 err = rel_err(off()[0], timestep_norm_ref(x, G, w, bias)[0])
                 row["tsn_official_relerr"] = err
                 if err < 1e-3:
-                    row["tsn_official_ms"] = do_bench(off, warmup=10, rep=100, return_mode="median")
+                    calls["tsn_official_ms"] = off
                     row["tsn_official_graph_ms"] = graph_ms(off)
         except Exception as e:  # noqa: BLE001
             row["tsn_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            traceback.print_exc()
+        try:
+            row.update(per_call_ms(calls, args.rounds))
+        except Exception as e:  # noqa: BLE001
+            row["per_call_error"] = f"{type(e).__name__}: {str(e)[:200]}"
             traceback.print_exc()
         record["rows"].append(row)
         log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))

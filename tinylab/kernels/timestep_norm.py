@@ -199,7 +199,7 @@ def _timestep_norm_backward(dy, dmean_T, dvar_T, x, weight, c0, m0, cum_mean, cu
 # launch choices, timed on an H200 (see "Speed"): steps per tile, programs per SM the time segments aim for, and the
 # longest sequence run as one segment on a GPU (one launch: there a second launch costs the host more than it saves
 # the GPU; benchmarks/tsn_host_time.py)
-TUNING = dict(block_t=32, programs_per_sm=16, min_segment_tiles=4, one_launch_steps=2048)
+TUNING = dict(block_t=32, programs_per_sm=16, min_segment_tiles=4, one_launch_steps=1024)
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
