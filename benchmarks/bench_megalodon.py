@@ -180,8 +180,6 @@ def main():
     ap.add_argument("--budget-s", type=float, default=400,
                     help="start no new length after this many seconds of timing (building the official ops not counted)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of the per-call timings, taken in turns")
-    ap.add_argument("--cema-tuning", default=None,
-                    help="JSON of CEMA TUNING entries set before anything runs (recorded under tuning); dicts keyed by bytes of x")
     ap.add_argument("--no-official", action="store_true", help="skip building Megalodon's CUDA ops")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU under TRITON_INTERPRET=1 (checks the script)")
     ap.add_argument("--ncu", action="store_true", help="after the sweep, profile the CEMA kernels at T = 8192 with Nsight Compute")
@@ -197,9 +195,6 @@ def main():
     else:
         dev = "cuda"
     import tinylab.kernels.cema as cema_mod
-    if args.cema_tuning:   # JSON keys are strings: the per-dtype dicts are keyed by ints in TUNING
-        cema_mod.TUNING.update({k: {int(n): (tuple(c) if isinstance(c, list) else c) for n, c in v.items()} if isinstance(v, dict) else v
-                                for k, v in json.loads(args.cema_tuning).items()})
     import tinylab.kernels.timestep_norm as tsn_mod
     record = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu (smoke test)", "torch": torch.__version__,
               "triton": triton.__version__, "cuda": torch.version.cuda,

@@ -295,10 +295,9 @@ def _cema_blocks(T: int, D: int, N: int, on_gpu: bool) -> tuple[int, int, int]:
 # pass (fewer: one segment), the forward's channels per program (None: `_cema_blocks`'s) and warps, the backward's
 # warps (these three on a GPU only), whether the forward folds the carried state into the scan (FOLD_STATE), and the
 # first pass's (steps, channels, warps, x loaded one chunk ahead) for x of 4 and of 2 bytes an element (its steps
-# divide the forward's, so segments stay whole tiles; its tiles on a GPU only, the load ahead everywhere), and the
-# forward's steps per tile when it keeps no states, per bytes of x (a GPU only; keeping states, 16: the backward's)
+# divide the forward's 16, so segments stay whole tiles; its tiles on a GPU only, the load ahead everywhere)
 TUNING = dict(programs_per_sm=16, min_segment_tiles=8, min_segments=2, block_d=8, num_warps=1, bwd_num_warps=2,
-              fold_state=True, first_pass={4: (16, 8, 1, False), 2: (8, 16, 2, True)}, forward_steps={4: 16, 2: 16})
+              fold_state=True, first_pass={4: (16, 8, 1, False), 2: (8, 16, 2, True)})
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
@@ -322,12 +321,9 @@ def _cema_segments(B: int, T: int, D_blocks: int, BT: int, device: torch.device,
     seg_len = triton.cdiv(tiles, max(n, 1)) * BT
     return triton.cdiv(T, seg_len), seg_len
 
-def _fwd_blocks(T: int, D: int, N: int, on_gpu: bool, x_bytes: int = 4, save: bool = True) -> tuple[int, int, int]:
-    """The forward's (BLOCK_T, BLOCK_D, BLOCK_N): `_cema_blocks`'s, with TUNING's channels per program on a GPU and,
-    for a call that keeps no states, TUNING's steps per tile for x of `x_bytes` bytes an element."""
+def _fwd_blocks(T: int, D: int, N: int, on_gpu: bool) -> tuple[int, int, int]:
+    "The forward's (BLOCK_T, BLOCK_D, BLOCK_N): `_cema_blocks`'s, with TUNING's channels per program on a GPU."
     BT, BD, BN = _cema_blocks(T, D, N, on_gpu)
-    if on_gpu and not save:
-        BT = TUNING["forward_steps"][2 if x_bytes == 2 else 4]
     return BT, (TUNING["block_d"] if on_gpu and TUNING["block_d"] else BD), BN
 
 def _first_pass_launch(x: torch.Tensor, BT: int, BD: int, nw: int) -> tuple[int, int, int, bool]:
@@ -341,7 +337,7 @@ def _cema_forward(x, p, q, gamma, h0, save_states: bool, segments: tuple[int, in
     B, T, D = x.shape
     N = p.shape[1]
     real, cplx = _acc_dtypes(x)
-    BT, BD, BN = _fwd_blocks(T, D, N, x.is_cuda, x.element_size(), save_states)   # keeping states, BLOCK_T is HS's
+    BT, BD, BN = _fwd_blocks(T, D, N, x.is_cuda)    # BLOCK_T fixes the layout of HS; BLOCK_D is the forward's own
     nw = TUNING["num_warps"] if x.is_cuda else 4
     fold = bool(TUNING["fold_state"])
     n_chunks = triton.cdiv(T, BT)
