@@ -6,6 +6,7 @@ Then, per dtype, the whole forward (`_cema_forward`) with the landed first pass 
 (geometric mean), alternating for `--rounds` rounds.
 Usage: PYTHONPATH=. python3 benchmarks/cema_first_pass_sweep.py --out book/results/cema_first_pass_h200.json"""
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -42,6 +43,17 @@ def first_pass(x, p, q, config):
     launch = lambda: m.cema_seg_end_kernel[(B, triton.cdiv(D, bd), S - 1)](
         x, p, qr, end, T, D, N, seg_len, ACC=tl.float32, BLOCK_T=bt, BLOCK_D=bd, BLOCK_N=BN, AHEAD=ahead, num_warps=nw)
     return launch, end
+
+
+@contextlib.contextmanager
+def first_pass_choice(elt, config):
+    "TUNING['first_pass'] with `config` for x of `elt` bytes an element; the landed entry comes back after, error or not."
+    landed = dict(m.TUNING["first_pass"])
+    m.TUNING["first_pass"] = {**landed, elt: config}
+    try:
+        yield
+    finally:
+        m.TUNING["first_pass"] = landed
 
 
 def main():
@@ -98,20 +110,17 @@ def main():
             torch.manual_seed(0)
             x = torch.randn(B, T, D, device="cuda", dtype=dtype)
             choices = {"landed": landed[elt], "best": best[elt]}
-            def call(choice):
-                m.TUNING["first_pass"] = {**landed, elt: choices[choice]}
-                try:
-                    return m._cema_forward(x, pp, qq, gg, None, save_states=False)
-                finally:
-                    m.TUNING["first_pass"] = dict(landed)
-            (y0, _, _), (y1, _, _) = call("landed"), call("best")
-            row = dict(B=B, D=D, T=T, dtype=str(dtype).removeprefix("torch."), y_relerr=rel(y1, y0), ms={c: [] for c in choices})
+            forward = lambda: m._cema_forward(x, pp, qq, gg, None, save_states=False)
+            ys = {}
+            for choice, config in choices.items():
+                with first_pass_choice(elt, config):
+                    ys[choice] = forward()[0]
+            row = dict(B=B, D=D, T=T, dtype=str(dtype).removeprefix("torch."), y_relerr=rel(ys["best"], ys["landed"]),
+                       ms={c: [] for c in choices})
             for _ in range(args.rounds):
-                for choice in choices:
-                    m.TUNING["first_pass"] = {**landed, elt: choices[choice]}   # set while the graph is captured
-                    row["ms"][choice].append(cuda_graph_ms(lambda: m._cema_forward(x, pp, qq, gg, None, save_states=False),
-                                                           calls=20 if x.numel() <= 4 * 1024 * 8192 else 5))
-                    m.TUNING["first_pass"] = dict(landed)
+                for choice, config in choices.items():
+                    with first_pass_choice(elt, config):   # set while the graph is captured
+                        row["ms"][choice].append(cuda_graph_ms(forward, calls=20 if x.numel() <= 4 * 1024 * 8192 else 5))
             row["ratio"] = statistics.median(row["ms"]["best"]) / statistics.median(row["ms"]["landed"])
             print(json.dumps(row), flush=True)
             rec["calls"].append(row)
